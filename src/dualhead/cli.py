@@ -1,0 +1,200 @@
+"""The `dualhead` command line: train, evaluate, predict, params, data summary, plot."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from dualhead.config import ConfigError, DataConfig, RunConfig, load_config
+
+
+def _split_config_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """`[config.yaml] [key=value ...]` -> (config path or None, overrides)."""
+    if args and "=" not in args[0]:
+        return args[0], list(args[1:])
+    return None, list(args)
+
+
+def _load(args: tuple[str, ...], extra: list[str] = ()) -> RunConfig:
+    path, overrides = _split_config_args(args)
+    return load_config(path, [*overrides, *extra])
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """dualhead: multi-task learning, and the Dual-Head VQA model."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue a stopped run from its last checkpoint.")
+def train(args: tuple[str, ...], resume_dir: str | None) -> None:
+    """Train a model: `dualhead train [config.yaml] [key=value ...]` (default: easy-VQA)."""
+    from dualhead.train.trainer import Trainer, TrainingDiverged, new_run_dir
+
+    try:
+        if resume_dir:
+            if args:
+                _fail("--resume continues a run with its own config.yaml; give no config or overrides with it")
+            trainer = Trainer.resume(Path(resume_dir))
+        else:
+            config = _load(args)
+            trainer = Trainer(config, new_run_dir(config))
+        results = trainer.fit()
+    except (ConfigError, ValueError, FileNotFoundError, TrainingDiverged) as err:
+        _fail(str(err))
+    click.echo((trainer.run_dir / "results.md").read_text())
+    click.echo(f"run directory: {trainer.run_dir} (best checkpoint: {results['checkpoint']})")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--split", default="test", type=click.Choice(["train", "val", "test"]), show_default=True)
+@click.option("--checkpoints", "ensemble", multiple=True, type=click.Path(exists=True), help="More checkpoints: evaluate the ensemble.")
+@click.option("--format", "data_format", help="Dataset format, for a checkpoint outside a run directory.")
+@click.option("--root", type=click.Path(exists=True, file_okay=False), help="Where the dataset files are.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
+def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str | None, root: str | None, device: str, json_path: str | None) -> None:
+    """Accuracy of a run or checkpoint (or an ensemble) on a split: overall, per head, per answer type, routing."""
+    from dualhead.train.evaluate import evaluate_checkpoints
+    from dualhead.vqa.metrics import format_metrics_table
+
+    data = DataConfig(format=data_format, root=root) if data_format else None
+    try:
+        result = evaluate_checkpoints([run, *ensemble], split=split, data=data, device=device)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    metrics = {k: v for k, v in result["metrics"].items() if k != "binary_confusion"}
+    title = f"{result['dataset']} {split}" + (f", ensemble of {len(result['checkpoints'])}" if len(result["checkpoints"]) > 1 else "")
+    click.echo(format_metrics_table(metrics, title))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), help="The image to ask about.")
+@click.option("--question", help="The question.")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), help="JSONL of {image, question} to answer.")
+@click.option("--top-k", default=5, show_default=True)
+def predict(checkpoint: str, image: str | None, question: str | None, input_path: str | None, top_k: int) -> None:
+    """Answer questions with a trained model: one (--image, --question) or many (--input file.jsonl)."""
+    from dualhead.train.evaluate import resolve_checkpoint
+    from dualhead.vqa.model import DualHeadVQA
+
+    if input_path:
+        if image or question:
+            _fail("use either --input or --image with --question, not both")
+        queries = _read_queries(Path(input_path))
+    elif image and question:
+        queries = [{"image": image, "question": question}]
+    else:
+        _fail("give --image and --question, or --input file.jsonl")
+    try:
+        model = DualHeadVQA.from_pretrained(resolve_checkpoint(checkpoint))
+        answers = model.answer([q["image"] for q in queries], [q["question"] for q in queries], top_k=top_k)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    for query, answer in zip(queries, answers, strict=True):
+        if input_path:
+            click.echo(json.dumps({**query, "answer": answer.answer, "head": answer.head, "probability": answer.probability, "top": answer.top}))
+        else:
+            click.echo(f"answer: {answer.answer}  (head: {answer.head}, probability {answer.probability:.3f})")
+            for rank, (name, prob) in enumerate(answer.top, 1):
+                click.echo(f"  {rank}. {name:<30} {prob:.3f}")
+
+
+def _read_queries(path: Path) -> list[dict]:
+    """{image, question} per line; image paths relative to the file's folder."""
+    queries = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            _fail(f"{path} line {number}: not valid JSON ({err.msg})")
+        missing = [key for key in ("image", "question") if not isinstance(row, dict) or not row.get(key)]
+        if missing:
+            _fail(f"{path} line {number}: missing {', '.join(missing)}")
+        image = Path(row["image"])
+        queries.append({"image": str(image if image.is_absolute() else path.parent / image), "question": row["question"]})
+    return queries
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--vision", help="Vision encoder (timm name), e.g. mobilenetv3_small_100.")
+@click.option("--text", help="Text encoder: minilm, distilbert, bert-base or a local directory.")
+@click.option("--answers", type=int, help="Open-answer vocabulary size (default: from the configured dataset).")
+def params(args: tuple[str, ...], vision: str | None, text: str | None, answers: int | None) -> None:
+    """Parameter distribution per component (shared vs task-specific), as in the reference design."""
+    from dualhead.vqa.data import AnswerVocab, load_splits
+    from dualhead.vqa.model import DualHeadVQA
+    from dualhead.vqa.params import format_parameter_table
+
+    extra = [f"model.vision.name={vision}"] if vision else []
+    extra += [f"model.text.name={text}"] if text else []
+    try:
+        config = _load(args, extra)
+        if config.model.vision.name != "efficientnet_lite0" and config.model.vision.weights == "offline":
+            config.model.vision.weights = "none"  # counting parameters needs no weights
+        if answers is not None:
+            vocab = AnswerVocab([f"answer {i}" for i in range(answers)])
+        else:
+            vocab = AnswerVocab.from_records(load_splits(config.data).train, config.data.min_answer_count, config.data.max_answers)
+        model = DualHeadVQA(config.model, vocab)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    click.echo(format_parameter_table(model))
+
+
+@main.group()
+def data() -> None:
+    """Inspect datasets."""
+
+
+@data.command("summary")
+@click.argument("data_format")
+@click.option("--root", type=click.Path(exists=True, file_okay=False), help="Where the dataset files are.")
+@click.option("--lang", default="en", show_default=True, help="SLAKE question language (en, zh, all).")
+@click.option("--check-images", is_flag=True, help="Decode every image and report the ones that fail.")
+@click.option("--skip-invalid", is_flag=True, help="Skip malformed records (counted by reason) instead of failing.")
+@click.option("--min-answer-count", default=1, show_default=True)
+def data_summary(data_format: str, root: str | None, lang: str, check_images: bool, skip_invalid: bool, min_answer_count: int) -> None:
+    """Counts per split, task and answer type; vocabulary coverage; rejected records."""
+    from dualhead.vqa.data import AnswerVocab, DataError, load_splits
+    from dualhead.vqa.data.summary import format_summary, summarize
+
+    config = DataConfig(format=data_format, root=root, lang=lang, skip_invalid=skip_invalid, min_answer_count=min_answer_count)
+    try:
+        splits = load_splits(config)
+        vocab = AnswerVocab.from_records(splits.train, min_answer_count)
+        click.echo(format_summary(summarize(splits, vocab, check_images=check_images)))
+    except (DataError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+def plot(run: str) -> None:
+    """(Re)draw a run's plots as PNG: loss and accuracy curves, binary confusion matrix."""
+    from dualhead.train.plots import plot_run
+
+    for path in plot_run(Path(run)):
+        click.echo(str(path))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Per-task gradients for the gradient-based methods, built on torchjd's autojac.
+
+Two places to differentiate (the ``mode`` option of the gradient methods):
+
+- ``"representation"``: the Jacobian of the task losses w.r.t. the last shared representation
+  (`feature_jacobian`, one pass through the heads per task, vmapped by torchjd); the combined
+  gradient at the representation is then backpropagated through the backbone once
+  (`backward_through_features`).
+- ``"parameters"``: the Jacobian w.r.t. every shared parameter (`shared_jacobian`, torchjd's
+  ``mtl_backward``: one pass through the backbone per task, vmapped); heads get their own task's
+  gradient on the way.
+
+DDP: both Jacobians are local to one process, so compute them without gradient sync (inside
+``model.no_sync()``). In ``"parameters"`` mode the one all-reduce belongs to the combined gradient,
+right where `accumulate_flat` writes it; in ``"representation"`` mode the final backward is an
+ordinary backward, so DDP's own reducer syncs it (leave sync on for that call only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchjd.autojac import jac, mtl_backward
+
+from dualhead.mtl.balancers.base import accumulate_grad
+
+MODES = ("representation", "parameters")
+
+
+def check_mode(mode: str) -> str:
+    """Validate the ``mode`` option."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def check_features(features: Tensor | None, method: str) -> Tensor:
+    """Gradient methods need the last shared representation, and it must be part of the graph."""
+    if features is None:
+        raise ValueError(f"{method!r} needs shared_features (the last shared representation)")
+    if not features.requires_grad:
+        raise ValueError(f"{method!r}: shared_features does not require grad, so nothing is shared")
+    return features
+
+
+def feature_jacobian(
+    losses: Sequence[Tensor], features: Tensor, *, parallel_chunk_size: int | None = None
+) -> Tensor:
+    """The ``[m, features.numel()]`` float32 Jacobian of `losses` w.r.t. `features`; the graph is kept."""
+    rows = jac(list(losses), [features], retain_graph=True, parallel_chunk_size=parallel_chunk_size)[0]
+    return rows.reshape(len(losses), -1).float()
+
+
+def params_jacobian(
+    losses: Sequence[Tensor], params: Sequence[Tensor], *, parallel_chunk_size: int | None = None
+) -> Tensor:
+    """The ``[m, n]`` float32 Jacobian of `losses` w.r.t. `params` (flattened, concatenated); graph kept."""
+    blocks = jac(list(losses), list(params), retain_graph=True, parallel_chunk_size=parallel_chunk_size)
+    return torch.cat([block.reshape(len(losses), -1).float() for block in blocks], dim=1)
+
+
+def shared_jacobian(
+    losses: Sequence[Tensor],
+    features: Tensor,
+    params: Sequence[Tensor],
+    *,
+    retain_graph: bool,
+    parallel_chunk_size: int | None = None,
+) -> Tensor:
+    """torchjd's ``mtl_backward``: task-specific parameters get their own task's gradient in ``.grad``;
+    returns the ``[m, n]`` float32 Jacobian w.r.t. `params` (which it takes off their ``.jac``)."""
+    mtl_backward(
+        list(losses),
+        features=features,
+        shared_params=params,
+        retain_graph=retain_graph,
+        parallel_chunk_size=parallel_chunk_size,
+    )
+    blocks = []
+    for param in params:
+        blocks.append(param.jac.reshape(len(losses), -1).float())
+        del param.jac
+    return torch.cat(blocks, dim=1)
+
+
+def accumulate_flat(params: Sequence[Tensor], vector: Tensor) -> None:
+    """Add a flat gradient `vector` to the ``.grad`` of `params` (in order). DDP: all-reduce `vector` first."""
+    offset = 0
+    for param in params:
+        accumulate_grad(param, vector[offset : offset + param.numel()])
+        offset += param.numel()
+
+
+def backward_through_features(
+    losses: Sequence[Tensor], features: Tensor, direction: Tensor, extra_loss: Tensor | None
+) -> None:
+    """Backward of ``sum(losses) + extra_loss`` with the task part of the gradient at `features`
+    replaced by `direction` (a flat gradient at the features).
+
+    Whatever lies between the features and the losses (the heads) gets the plain sum's gradient;
+    the backbone gets `direction` plus the extra loss's own gradient at the features.
+    """
+    if extra_loss is not None and extra_loss.requires_grad:
+        (extra_grad,) = torch.autograd.grad(extra_loss, features, retain_graph=True, allow_unused=True)
+        if extra_grad is not None:
+            direction = direction + extra_grad.reshape(-1).float()
+    replacement = direction.reshape(features.shape).to(features.dtype)
+    handle = features.register_hook(lambda _grad: replacement)
+    try:
+        objective = sum(losses[1:], losses[0])
+        if extra_loss is not None:
+            objective = objective + extra_loss
+        objective.backward()
+    finally:
+        handle.remove()

@@ -1,0 +1,92 @@
+"""Gradient conflict between tasks at the shared representation, and a plot of it over training."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from itertools import combinations
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from dualhead.mtl.balancers.base import full_precision
+from dualhead.mtl.balancers.jacobian import check_features, feature_jacobian
+
+NORM_PREFIX = "grad_norm/"
+COSINE_PREFIX = "cosine/"
+
+
+def gradient_conflict(losses: Mapping[str, Tensor], features: Tensor) -> dict[str, float]:
+    """Per-task gradient norms at `features` and their pairwise cosine similarities.
+
+    Keys: ``"grad_norm/<task>"`` and ``"cosine/<a>~<b>"`` (pairs in the order of `losses`). The graph
+    is kept, so the training step's backward can follow. A zero gradient has cosine 0 with all.
+    """
+    names = list(losses)
+    check_features(features, "gradient_conflict")
+    with full_precision(features):
+        jacobian = feature_jacobian([losses[name] for name in names], features)
+        norms = jacobian.norm(dim=1)
+        units = torch.nn.functional.normalize(jacobian, dim=1)
+        cosines = units @ units.T
+    result = {f"{NORM_PREFIX}{name}": float(norm) for name, norm in zip(names, norms, strict=True)}
+    for (i, a), (j, b) in combinations(enumerate(names), 2):
+        result[f"{COSINE_PREFIX}{a}~{b}"] = float(cosines[i, j])
+    return result
+
+
+def _read_series(jsonl_path: Path) -> dict[str, tuple[list[int], list[float]]]:
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    with jsonl_path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{jsonl_path}, line {number}: not JSON ({error.msg})") from None
+            if not isinstance(row, dict) or "step" not in row:
+                continue
+            for key, value in row.items():
+                if key.startswith((NORM_PREFIX, COSINE_PREFIX)) and isinstance(value, int | float):
+                    steps, values = series.setdefault(key, ([], []))
+                    steps.append(int(row["step"]))
+                    values.append(float(value))
+    return series
+
+
+def plot_diagnostics(jsonl_path: str | Path, png_path: str | Path) -> Path:
+    """Draw gradient norms (log scale) and cosines over training steps from a metrics JSONL.
+
+    Rows need ``"step"``; the ``grad_norm/*`` and ``cosine/*`` keys of `gradient_conflict` are drawn,
+    other keys and rows without a step are ignored. Returns the PNG's path.
+    """
+    jsonl_path, png_path = Path(jsonl_path), Path(png_path)
+    if not jsonl_path.is_file():
+        raise ValueError(f"metrics file not found: {jsonl_path}")
+    series = _read_series(jsonl_path)
+    if not series:
+        raise ValueError(f"{jsonl_path}: no rows with 'step' and {NORM_PREFIX}* or {COSINE_PREFIX}* keys")
+    figure = Figure(figsize=(8, 6), layout="constrained")
+    norm_axes, cosine_axes = figure.subplots(2, 1, sharex=True)
+    for key, (steps, values) in sorted(series.items()):
+        if key.startswith(NORM_PREFIX):
+            norm_axes.plot(steps, values, label=key.removeprefix(NORM_PREFIX))
+        else:
+            cosine_axes.plot(steps, values, label=key.removeprefix(COSINE_PREFIX))
+    norm_axes.set_ylabel("gradient norm at shared features")
+    norms = [v for key, (_, values) in series.items() if key.startswith(NORM_PREFIX) for v in values]
+    if norms and min(norms) > 0:
+        norm_axes.set_yscale("log")
+    cosine_axes.axhline(0.0, color="grey", linestyle="--", linewidth=0.8)
+    cosine_axes.set_ylim(-1.05, 1.05)
+    cosine_axes.set_ylabel("cosine similarity")
+    cosine_axes.set_xlabel("step")
+    for axes in (norm_axes, cosine_axes):
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend(loc="best", fontsize="small")
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(png_path, dpi=100)
+    return png_path

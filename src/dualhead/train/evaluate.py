@@ -1,0 +1,74 @@
+"""Evaluate saved checkpoints (one, or an ensemble averaging their probabilities) on a dataset split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dualhead.config import DataConfig, RunConfig, load_config
+from dualhead.train.trainer import (
+    autocast_context,
+    eval_sampler,
+    make_loader,
+    predict_probabilities,
+    resolve_device,
+)
+from dualhead.vqa.data import ImageStore, load_splits
+from dualhead.vqa.metrics import HeadProbabilities, binary_confusion, score
+from dualhead.vqa.model import CONFIG_FILE, DualHeadVQA
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory means its `best/` (else `last/`) checkpoint; a checkpoint directory is itself."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        return path
+    for name in ("best", "last"):
+        if (path / name / CONFIG_FILE).is_file():
+            return path / name
+    raise FileNotFoundError(f"{path} is neither a saved model (no {CONFIG_FILE}) nor a run directory with best/ or last/")
+
+
+def run_config_for(checkpoint: Path) -> RunConfig | None:
+    """The config.yaml of the run a checkpoint belongs to, if it is inside one."""
+    candidate = checkpoint.parent / "config.yaml"
+    return load_config(candidate) if candidate.is_file() else None
+
+
+def evaluate_checkpoints(
+    paths: list[str | Path],
+    split: str = "test",
+    data: DataConfig | None = None,
+    device: str = "auto",
+    precision: str = "bf16",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Metrics of one checkpoint, or of the ensemble of several (mean of their probabilities).
+
+    The dataset is the one the first checkpoint's run trained on unless `data` is given.
+    """
+    checkpoints = [resolve_checkpoint(p) for p in paths]
+    if data is None:
+        run_config = run_config_for(checkpoints[0])
+        if run_config is None:
+            raise ValueError(f"{checkpoints[0]} is not inside a run directory: name the dataset with --format and --root")
+        data = run_config.data
+    splits = load_splits(data)
+    records = splits.split(split)
+    if not records:
+        raise ValueError(f"the {data.format} dataset has no {split} split")
+    torch_device = resolve_device(device)
+    members, vocab = [], None
+    for checkpoint in checkpoints:
+        model = DualHeadVQA.from_pretrained(checkpoint).to(torch_device)
+        if vocab is not None and model.vocab.open_answers != vocab.open_answers:
+            raise ValueError(f"{checkpoint} has a different answer vocabulary from {checkpoints[0]}: cannot ensemble")
+        vocab = model.vocab
+        loader = make_loader(model, records, eval_sampler(records), ImageStore(model.preprocessor), num_workers=data.num_workers)
+        prediction = predict_probabilities(model, loader, None, torch_device, autocast_context(torch_device, precision), progress)
+        members.append(prediction.probs)
+        ordered = prediction.records
+    probs = HeadProbabilities.average(members)
+    metrics, _ = score(probs, ordered, vocab)
+    metrics["binary_confusion"] = binary_confusion(probs, ordered)
+    return {"checkpoints": [str(c) for c in checkpoints], "split": split, "dataset": data.format, "metrics": metrics}

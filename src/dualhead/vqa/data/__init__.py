@@ -1,0 +1,66 @@
+"""VQA data: one loader per dataset format, answers and vocabulary, images.
+
+``load_splits(config.data)`` picks the loader named by ``config.format`` from `FORMATS`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+
+from ...config import DataConfig
+from . import easy_vqa, jsonl, pathvqa, slake, vqa_rad, vqa_v2
+from .answers import AnswerVocab, normalize_answer, vqa_accuracy, vqa_soft_scores
+from .images import ImagePreprocessor, ImageStore, load_rgb, question_allows_flip
+from .records import BINARY, OPEN, TASKS, YES_NO, DataError, Rejection, VQARecord, VQASplits
+
+FORMATS: dict[str, Callable[..., VQASplits]] = {
+    "easy_vqa": easy_vqa.load,
+    "vqa_rad": vqa_rad.load,
+    "slake": slake.load,
+    "pathvqa": pathvqa.load,
+    "vqa_v2": vqa_v2.load,
+    "jsonl": jsonl.load,
+}
+# Formats that need no --root: their data ships with an installed package.
+EMBEDDED = frozenset({"easy_vqa"})
+
+
+def load_splits(config: DataConfig, seed: int = 0) -> VQASplits:
+    """Load the dataset `config` names; options a format does not have must stay at their defaults."""
+    loader = FORMATS.get(config.format)
+    if loader is None:
+        raise ValueError(f"unknown data format {config.format!r}; known formats: {', '.join(FORMATS)}")
+    if config.root is None and config.format not in EMBEDDED:
+        raise ValueError(f"data format {config.format!r} needs its folder: pass --root DIR (data.root=DIR)")
+    accepted = inspect.signature(loader).parameters
+    if config.lang != "en" and "lang" not in accepted:
+        raise ValueError(f"data.lang={config.lang!r} applies to slake only, not {config.format!r}")
+    options = {"lang": config.lang, "val_fraction": config.val_fraction, "seed": seed,
+               "skip_invalid": config.skip_invalid}  # fmt: skip
+    root = Path(config.root) if config.root is not None else None
+    return loader(root, **{name: value for name, value in options.items() if name in accepted})
+
+
+__all__ = [
+    "BINARY",
+    "EMBEDDED",
+    "FORMATS",
+    "OPEN",
+    "TASKS",
+    "YES_NO",
+    "AnswerVocab",
+    "DataError",
+    "ImagePreprocessor",
+    "ImageStore",
+    "Rejection",
+    "VQARecord",
+    "VQASplits",
+    "load_rgb",
+    "load_splits",
+    "normalize_answer",
+    "question_allows_flip",
+    "vqa_accuracy",
+    "vqa_soft_scores",
+]

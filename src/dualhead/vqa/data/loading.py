@@ -1,0 +1,223 @@
+"""What every dataset loader shares: reading files, validating records, carving validation splits."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .answers import normalize_answer
+from .records import DataError, Rejection, VQARecord
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """`path` if it is a directory, else a DataError saying what was expected there."""
+    if not path.is_dir():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a missing file or malformed JSON is a DataError naming file, line and column."""
+    if not path.is_file():
+        raise DataError(f"file not found: {path}")
+    try:
+        with path.open(encoding="utf-8") as file:
+            return json.load(file)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"malformed JSON in {path} at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text: {err}") from err
+
+
+def expect_list(data: Any, path: Path, key: str | None = None) -> list:
+    """The list of records in a parsed file (optionally under `key`), else a DataError."""
+    if key is not None:
+        if not isinstance(data, dict) or key not in data:
+            raise DataError(f"{path}: expected a JSON object with a {key!r} list")
+        data = data[key]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of records, found {type(data).__name__}")
+    return data
+
+
+def answer_type(value: Any) -> str | None:
+    """A dataset's own answer type, stripped ("CLOSED " -> "CLOSED"); None when absent or blank."""
+    if value is None:
+        return None
+    return str(value).strip() or None
+
+
+class RecordBuilder:
+    """Turns raw fields into validated `VQARecord`s.
+
+    A bad record raises a DataError naming `where` (the dataset folder) and its source, or, with
+    `skip_invalid`, is recorded in `rejected` and skipped. Image files are checked for existence
+    only (once per image, whose records then share one Path); decoding happens at batch time.
+    """
+
+    def __init__(self, where: Path, skip_invalid: bool = False):
+        self.where = where
+        self.skip_invalid = skip_invalid
+        self.rejected: list[Rejection] = []
+        # (folder, file name) -> the path when the file exists: one check and one Path per image.
+        self._images: dict[tuple[str, str], Path | None] = {}
+
+    def reject(self, source: str, reason: str, detail: str = "") -> None:
+        """Record a bad record, or raise when invalid records are not to be skipped."""
+        if not self.skip_invalid:
+            raise DataError(
+                f"{reason} in {source} (dataset at {self.where})"
+                + (f": {detail}" if detail else "")
+                + "; fix the record or load with skip_invalid=True (data.skip_invalid=true)"
+            )
+        self.rejected.append(Rejection(source, reason, detail))
+
+    def fields(self, raw: Any, names: Sequence[str], source: str) -> list[Any] | None:
+        """The values of the named fields of a raw record, or None when it was rejected."""
+        if not isinstance(raw, Mapping):
+            self.reject(source, "malformed record", f"expected an object, found {type(raw).__name__}")
+            return None
+        missing = [name for name in names if name not in raw]
+        if missing:
+            self.reject(source, "missing field", f"no {', '.join(repr(name) for name in missing)}")
+            return None
+        return [raw[name] for name in names]
+
+    def image_path(self, folder: Path, name: Any, source: str, suffix: str = "") -> Path | None:
+        """`folder / (name + suffix)` if that is an existing file, else None (rejected).
+
+        `name` is a file name or an integer id (easy-VQA's images are ``<id>.png``)."""
+        if isinstance(name, int) and not isinstance(name, bool):
+            name = str(name)
+        if not isinstance(name, str) or not name.strip():
+            self.reject(source, "missing image", f"image {name!r} is not a file name")
+            return None
+        key = (str(folder), name.strip() + suffix)
+        if key not in self._images:
+            path = folder / key[1]
+            self._images[key] = path if path.is_file() else None
+        path = self._images[key]
+        if path is None:
+            self.reject(source, "missing image", f"image file {folder / key[1]} does not exist")
+        return path
+
+    def record(
+        self,
+        *,
+        image: Path | None,
+        question: Any,
+        answer: Any,
+        source: str,
+        qid: Any,
+        answer_type: str | None = None,
+        answer_scores: Mapping[str, float] | None = None,
+        all_answers: tuple[str, ...] = (),
+    ) -> VQARecord | None:
+        """A validated record, or None when it was rejected (`image` None: already rejected)."""
+        if image is None:
+            return None
+        if not isinstance(question, str):
+            self.reject(source, "invalid question", f"question is {type(question).__name__}, not text")
+            return None
+        if not question.strip():
+            self.reject(source, "empty question")
+            return None
+        if answer is None or isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            self.reject(source, "empty answer" if answer is None else "invalid answer", f"answer {answer!r}")
+            return None
+        normalized = normalize_answer(answer)
+        if not normalized:
+            self.reject(source, "empty answer", f"answer {answer!r} is empty after normalisation")
+            return None
+        return VQARecord(
+            image=image,
+            question=question.strip(),
+            answer=normalized,
+            answer_type=answer_type,
+            qid=str(qid),
+            source=source,
+            answer_scores=answer_scores,
+            all_answers=all_answers,
+        )
+
+
+def carve_val_by_image(
+    records: list[VQARecord], fraction: float, seed: int
+) -> tuple[list[VQARecord], list[VQARecord]]:
+    """Split records into (train, val) by image: `fraction` of the distinct images, drawn with `seed`,
+    go to val with all their questions. Record order is kept within each part."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    images = sorted({str(record.image) for record in records})
+    count = round(fraction * len(images))
+    if fraction > 0 and count == 0 and len(images) > 1:
+        count = 1
+    val_images = set(random.Random(seed).sample(images, count))
+    train = [record for record in records if str(record.image) not in val_images]
+    val = [record for record in records if str(record.image) in val_images]
+    return train, val
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """Where a format keeps each value in a record object (None: the format has no such field)."""
+
+    image: str
+    question: str = "question"
+    answer: str = "answer"
+    answer_type: str | None = "answer_type"
+    qid: str | None = "qid"
+
+
+def build_records(
+    rows: Iterable[tuple[str, Any]],
+    builder: RecordBuilder,
+    image_dir: Path,
+    names: FieldNames,
+    *,
+    image_suffix: str = "",
+    also_required: Sequence[str] = (),
+    keep: Callable[[Mapping[str, Any]], bool] | None = None,
+) -> list[VQARecord]:
+    """Records from raw objects, each given with its location ("trainset.json record 17").
+
+    The source of each record is its location plus its qid where it has one (the location stands
+    in for a missing qid). `also_required` names fields that must be present though they are not
+    stored; `keep` filters well-formed objects before validation (SLAKE's language).
+    """
+    required = [names.image, names.question, names.answer, *also_required]
+    records = []
+    for location, raw in rows:
+        qid = raw.get(names.qid) if names.qid is not None and isinstance(raw, Mapping) else None
+        source = location if qid is None else f"{location} (qid {qid})"
+        values = builder.fields(raw, required, source)
+        if values is None or (keep is not None and not keep(raw)):
+            continue
+        image, question, answer = values[:3]
+        record = builder.record(
+            image=builder.image_path(image_dir, image, source, image_suffix),
+            question=question,
+            answer=answer,
+            answer_type=answer_type(raw.get(names.answer_type)) if names.answer_type is not None else None,
+            qid=location if qid is None else qid,
+            source=source,
+        )
+        if record is not None:
+            records.append(record)
+    return records
+
+
+def numbered(name: str, records: list) -> list[tuple[str, Any]]:
+    """(location, record) pairs for the records of the file called `name`: "trainset.json record 17"."""
+    return [(f"{name} record {index}", raw) for index, raw in enumerate(records)]
+
+
+def json_rows(path: Path, name: str | None = None) -> list[tuple[str, Any]]:
+    """The numbered records of a JSON file holding a list; `name` (default: the file name) labels them."""
+    return numbered(name or path.name, expect_list(read_json(path), path))

@@ -1,0 +1,66 @@
+"""The one record type every dataset loader produces, and the errors a loader raises."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BINARY = "binary"
+OPEN = "open"
+TASKS = (BINARY, OPEN)
+YES_NO = ("no", "yes")  # binary head classes, in index order
+
+
+class DataError(ValueError):
+    """Bad input: names the file and record at fault."""
+
+
+@dataclass(frozen=True)
+class VQARecord:
+    """One question about one image.
+
+    `answer` is normalised (see `answers.normalize_answer`); the task follows from it: a yes/no
+    answer belongs to the binary head, every other answer to the open-ended head. `answer_type` is
+    the dataset's own label (VQA-RAD's CLOSED/OPEN), kept for reporting only.
+    """
+
+    image: Path
+    question: str
+    answer: str
+    answer_type: str | None
+    qid: str
+    source: str  # where it came from, for messages: "trainset.json record 17"
+    # Soft targets (VQA v2: min(n/3, 1) per distinct answer); None means the single `answer`.
+    answer_scores: Mapping[str, float] | None = None
+    # All human answers, normalised (VQA v2's 10), for the VQA accuracy metric.
+    all_answers: tuple[str, ...] = field(default=())
+
+    @property
+    def task(self) -> str:
+        return BINARY if self.answer in YES_NO else OPEN
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A record a loader skipped under ``skip_invalid``, and why."""
+
+    source: str
+    reason: str  # short category used for counting: "missing image", "empty question", ...
+    detail: str = ""
+
+
+@dataclass
+class VQASplits:
+    """A dataset's splits, plus what was rejected while loading them."""
+
+    name: str
+    train: list[VQARecord]
+    val: list[VQARecord]
+    test: list[VQARecord]
+    rejected: list[Rejection] = field(default_factory=list)
+
+    def split(self, name: str) -> list[VQARecord]:
+        if name not in ("train", "val", "test"):
+            raise DataError(f"unknown split {name!r}; choose train, val or test")
+        return getattr(self, name)

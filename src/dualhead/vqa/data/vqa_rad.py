@@ -1,0 +1,34 @@
+"""VQA-RAD (Lau et al., 2018): ``trainset.json`` / ``testset.json`` beside ``images/``.
+
+Copes with the published quirks: numbers as answers, stray spaces, ``"CLOSED "``, mixed case.
+Duplicate rows are real published rows and are kept. Validation is carved from train by image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .loading import (
+    FieldNames,
+    RecordBuilder,
+    build_records,
+    carve_val_by_image,
+    json_rows,
+    require_dir,
+)
+from .records import VQARecord, VQASplits
+
+FIELDS = FieldNames(image="image_name")
+
+
+def _read(root: Path, filename: str, builder: RecordBuilder) -> list[VQARecord]:
+    return build_records(json_rows(root / filename), builder, root / "images", FIELDS)
+
+
+def load(root: Path, *, val_fraction: float = 0.1, seed: int = 0, skip_invalid: bool = False) -> VQASplits:
+    """Load VQA-RAD from `root` (the folder holding trainset.json, testset.json and images/)."""
+    root = require_dir(Path(root), "VQA-RAD folder")
+    builder = RecordBuilder(root, skip_invalid)
+    train, val = carve_val_by_image(_read(root, "trainset.json", builder), val_fraction, seed)
+    test = _read(root, "testset.json", builder)
+    return VQASplits("vqa_rad", train, val, test, builder.rejected)

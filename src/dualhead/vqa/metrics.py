@@ -1,0 +1,135 @@
+"""VQA metrics from head probabilities: per head, per answer type, routed and oracle-routed.
+
+"Routed" answers each question with the head the router picks (what a deployed model does);
+"oracle" uses the true question type. A test answer outside the training vocabulary can never be
+predicted by a classifier: it counts as wrong and the count is reported.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dualhead.vqa.data.answers import AnswerVocab, vqa_accuracy
+from dualhead.vqa.data.records import BINARY, OPEN, YES_NO, VQARecord
+
+
+@dataclass
+class HeadProbabilities:
+    """Softmax outputs for a list of records (rows align with the records).
+
+    single-head models have `binary` None and `open` over ``vocab.single_head_answers``.
+    """
+
+    binary: Tensor | None  # [N, 2]
+    open: Tensor  # [N, K]
+    router: Tensor | None  # [N, 2]
+
+    @staticmethod
+    def concat(parts: Sequence[HeadProbabilities]) -> HeadProbabilities:
+        def cat(name: str) -> Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return HeadProbabilities(binary=cat("binary"), open=cat("open"), router=cat("router"))
+
+    @staticmethod
+    def average(members: Sequence[HeadProbabilities]) -> HeadProbabilities:
+        """Ensemble: the mean of the members' probabilities."""
+
+        def mean(name: str) -> Tensor | None:
+            values = [getattr(m, name) for m in members]
+            if any(v is None for v in values):
+                if not all(v is None for v in values):
+                    raise ValueError(f"ensemble members disagree on whether they have a {name} head")
+                return None
+            if len({v.shape for v in values}) > 1:
+                raise ValueError(f"ensemble members' {name} heads have different shapes: {[tuple(v.shape) for v in values]}")
+            return torch.stack(values).mean(0)
+
+        return HeadProbabilities(binary=mean("binary"), open=mean("open"), router=mean("router"))
+
+
+def predict_answers(probs: HeadProbabilities, vocab: AnswerVocab, route_to_binary: Tensor) -> list[str]:
+    """The answer string per row, taken from the head each row is routed to."""
+    if probs.binary is None:
+        return [vocab.single_head_answers[i] for i in probs.open.argmax(-1).tolist()]
+    binary = [YES_NO[i] for i in probs.binary.argmax(-1).tolist()]
+    open_answers = [vocab.open_answers[i] if vocab.open_answers else "" for i in probs.open.argmax(-1).tolist()]
+    return [b if to_binary else o for b, o, to_binary in zip(binary, open_answers, route_to_binary.tolist(), strict=True)]
+
+
+def _accuracy(correct: Sequence[bool]) -> float | None:
+    return sum(correct) / len(correct) if correct else None
+
+
+def score(probs: HeadProbabilities, records: Sequence[VQARecord], vocab: AnswerVocab) -> tuple[dict, list[str]]:
+    """All metrics for one split, and the routed prediction per record."""
+    is_binary = torch.tensor([r.task == BINARY for r in records])
+    routed_binary = probs.router.argmax(-1) == 1 if probs.router is not None and probs.binary is not None else None
+    if probs.binary is None:
+        routed_binary = torch.zeros_like(is_binary)
+    elif routed_binary is None:  # no router: the more confident head answers
+        routed_binary = probs.binary.amax(-1) >= probs.open.amax(-1)
+    routed = predict_answers(probs, vocab, routed_binary)
+    oracle = predict_answers(probs, vocab, is_binary)
+    truth = [r.answer for r in records]
+    routed_ok = [p == t for p, t in zip(routed, truth, strict=True)]
+    oracle_ok = [p == t for p, t in zip(oracle, truth, strict=True)]
+    tasks = [r.task for r in records]
+
+    metrics: dict = {
+        "count": len(records),
+        "accuracy": _accuracy(routed_ok),
+        "binary_accuracy": _accuracy([ok for ok, t in zip(routed_ok, tasks, strict=True) if t == BINARY]),
+        "open_accuracy": _accuracy([ok for ok, t in zip(routed_ok, tasks, strict=True) if t == OPEN]),
+        "oracle_accuracy": _accuracy(oracle_ok),
+        "oracle_binary_accuracy": _accuracy([ok for ok, t in zip(oracle_ok, tasks, strict=True) if t == BINARY]),
+        "oracle_open_accuracy": _accuracy([ok for ok, t in zip(oracle_ok, tasks, strict=True) if t == OPEN]),
+        "binary_count": tasks.count(BINARY),
+        "open_count": tasks.count(OPEN),
+        "open_out_of_vocabulary": sum(1 for r in records if r.task == OPEN and vocab.open_index(r.answer) is None),
+    }
+    if probs.router is not None and probs.binary is not None:
+        metrics["router_accuracy"] = float((routed_binary == is_binary).float().mean()) if records else None
+    by_type: dict[str, list[bool]] = defaultdict(list)
+    for ok, record in zip(routed_ok, records, strict=True):
+        if record.answer_type:
+            by_type[record.answer_type].append(ok)
+    for answer_type, oks in sorted(by_type.items()):
+        metrics[f"type/{answer_type}/accuracy"] = _accuracy(oks)
+        metrics[f"type/{answer_type}/count"] = len(oks)
+    if any(r.all_answers for r in records):
+        metrics["vqa_accuracy"] = sum(vqa_accuracy(p, r.all_answers or (r.answer,)) for p, r in zip(routed, records, strict=True)) / len(records)
+    return metrics, routed
+
+
+def binary_confusion(probs: HeadProbabilities, records: Sequence[VQARecord]) -> list[list[int]]:
+    """2x2 confusion matrix of the binary head on the yes/no questions: rows truth, columns prediction."""
+    matrix = [[0, 0], [0, 0]]
+    if probs.binary is None:
+        return matrix
+    predictions = probs.binary.argmax(-1).tolist()
+    for record, predicted in zip(records, predictions, strict=True):
+        if record.task == BINARY:
+            matrix[YES_NO.index(record.answer)][predicted] += 1
+    return matrix
+
+
+def format_metrics_table(metrics: dict, title: str = "") -> str:
+    """A markdown table of the accuracy figures (percent) and counts."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| metric | value |", "| --- | --- |"]
+    for key, value in metrics.items():
+        if value is None:
+            text = "n/a"
+        elif "accuracy" in key:
+            text = f"{100 * value:.2f}%"
+        else:
+            text = str(value)
+        lines.append(f"| {key} | {text} |")
+    return "\n".join(lines)

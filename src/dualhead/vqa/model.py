@@ -1,0 +1,204 @@
+"""The Dual-Head VQA model: shared encoders and fusion, a yes/no head, an open-ended head, a router.
+
+Inputs are grouped: each distinct image (and each distinct question) of a batch is encoded once,
+and `image_index` / `question_index` say which row belongs to which question. Precomputed encoder
+features (frozen-encoder training) can be passed instead of pixels or tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from dualhead.config import ModelConfig, config_from_dict, config_to_dict
+from dualhead.vqa.data.answers import AnswerVocab
+from dualhead.vqa.data.images import ImagePreprocessor, load_rgb
+from dualhead.vqa.data.records import BINARY, OPEN, YES_NO
+from dualhead.vqa.encoders import build_text_encoder, build_vision_encoder, freeze_module
+from dualhead.vqa.fusion import build_fusion
+from dualhead.vqa.heads import binary_head, open_head, router_head
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ANSWERS_FILE = "answers.json"
+SINGLE = "single"
+
+
+@dataclass
+class DualHeadOutput:
+    """What one forward pass returns (one row per question).
+
+    In single-head mode `open_logits` scores the union of all answers (``vocab.single_head_answers``)
+    and `binary_logits` is None.
+    """
+
+    binary_logits: Tensor | None
+    open_logits: Tensor
+    router_logits: Tensor | None
+    attention: Tensor | None  # [B, 2, 2] fusion attention weights (attention fusion only)
+    fused: Tensor  # [B, d] the last shared representation
+
+
+@dataclass
+class Answer:
+    """The model's answer to one question."""
+
+    answer: str
+    head: str  # "binary", "open" or "single"
+    probability: float
+    top: list[tuple[str, float]]
+
+
+class DualHeadVQA(nn.Module):
+    """Shared vision + text encoders and fusion; a yes/no head and an open-ended head."""
+
+    def __init__(self, config: ModelConfig, vocab: AnswerVocab):
+        super().__init__()
+        self.config = config
+        self.vocab = vocab
+        self.vision = build_vision_encoder(config.vision)
+        self.text = build_text_encoder(config.text)
+        if config.vision.freeze:
+            freeze_module(self.vision)
+        if config.text.freeze:
+            freeze_module(self.text)
+        self.fusion = build_fusion(
+            config.fusion, self.vision.out_dim, self.text.out_dim, config.hidden_dim, config.num_heads, config.fusion_dropout
+        )
+        d = config.hidden_dim
+        if config.single_head:
+            self.binary_head = None
+            self.open_head = open_head(d, len(vocab.single_head_answers), config.dropout, config.deep_heads)
+        else:
+            self.binary_head = binary_head(d, config.dropout, config.deep_heads)
+            self.open_head = open_head(d, max(len(vocab.open_answers), 1), config.dropout, config.deep_heads)
+        self.router = router_head(self.text.out_dim, config.dropout) if config.router else None
+        data_config = self.vision.data_config
+        self.preprocessor = ImagePreprocessor(
+            data_config["input_size"][-1], tuple(data_config["mean"]), tuple(data_config["std"]), data_config.get("interpolation", "bicubic")
+        )
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """One pooled vector per image: [n_images, Dv]."""
+        return self.vision(pixel_values)
+
+    def encode_questions(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """One pooled vector per question: [n_questions, Dt]."""
+        return self.text(input_ids, attention_mask)
+
+    def forward(
+        self,
+        pixel_values: Tensor | None = None,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        image_index: Tensor | None = None,
+        question_index: Tensor | None = None,
+        image_features: Tensor | None = None,
+        text_features: Tensor | None = None,
+    ) -> DualHeadOutput:
+        if image_features is None:
+            if pixel_values is None:
+                raise ValueError("forward needs pixel_values or image_features")
+            image_features = self.encode_images(pixel_values)
+        if text_features is None:
+            if input_ids is None or attention_mask is None:
+                raise ValueError("forward needs input_ids and attention_mask, or text_features")
+            text_features = self.encode_questions(input_ids, attention_mask)
+        if image_index is not None:
+            image_features = image_features[image_index]
+        if question_index is not None:
+            text_features = text_features[question_index]
+        fused, attention = self.fusion(image_features, text_features)
+        return DualHeadOutput(
+            binary_logits=self.binary_head(fused) if self.binary_head is not None else None,
+            open_logits=self.open_head(fused),
+            router_logits=self.router(text_features) if self.router is not None else None,
+            attention=attention,
+            fused=fused,
+        )
+
+    # -- inference --------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def answer(self, images: list[str | Path | Image.Image], questions: list[str], top_k: int = 5) -> list[Answer]:
+        """Answer each question about its image; the router decides which head answers."""
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(images)} images for {len(questions)} questions")
+        was_training = self.training
+        self.eval()
+        try:
+            pixels = torch.stack(
+                [self.preprocessor.to_uint8(img if isinstance(img, Image.Image) else load_rgb(Path(img))) for img in images]
+            )
+            tokens = self.text.tokenize(list(questions))
+            output = self(
+                pixel_values=self.preprocessor.normalize(pixels).to(self.device),
+                input_ids=tokens["input_ids"].to(self.device),
+                attention_mask=tokens["attention_mask"].to(self.device),
+            )
+            return decode_answers(output, self.vocab, route_binary(output), top_k)
+        finally:
+            self.train(was_training)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Config JSON, safetensors weights and the answer vocabulary; no pickle."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps({"model": config_to_dict(self.config)}, indent=2))
+        (directory / ANSWERS_FILE).write_text(json.dumps(self.vocab.to_json(), indent=2))
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> DualHeadVQA:
+        """Rebuild a saved model offline (encoder weights come from the file, not their sources)."""
+        directory = Path(directory)
+        missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, ANSWERS_FILE) if not (directory / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{directory} is not a saved DualHeadVQA model: missing {', '.join(missing)}")
+        config = config_from_dict(ModelConfig, json.loads((directory / CONFIG_FILE).read_text())["model"])
+        # The saved state holds the encoder weights: build the vision architecture without its source.
+        config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, weights="none"))
+        vocab = AnswerVocab.from_json(json.loads((directory / ANSWERS_FILE).read_text()))
+        model = cls(config, vocab)
+        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(map_location)))
+        return model.to(map_location)
+
+
+def route_binary(output: DualHeadOutput) -> Tensor:
+    """Which questions go to the binary head: the router's call, else the more confident head."""
+    if output.binary_logits is None:
+        return torch.zeros(output.open_logits.shape[0], dtype=torch.bool, device=output.open_logits.device)
+    if output.router_logits is not None:
+        return output.router_logits.argmax(dim=-1) == 1
+    return output.binary_logits.softmax(-1).amax(-1) >= output.open_logits.softmax(-1).amax(-1)
+
+
+def decode_answers(output: DualHeadOutput, vocab: AnswerVocab, to_binary: Tensor, top_k: int = 5) -> list[Answer]:
+    """Turn logits into answer strings, taking each question's answer from the head it is routed to."""
+    open_probs = output.open_logits.float().softmax(-1).cpu()
+    open_names = vocab.single_head_answers if output.binary_logits is None else vocab.open_answers
+    open_head_name = SINGLE if output.binary_logits is None else OPEN
+    binary_probs = output.binary_logits.float().softmax(-1).cpu() if output.binary_logits is not None else None
+    answers = []
+    for row, binary in enumerate(to_binary.tolist()):
+        probs, names, head = (binary_probs[row], YES_NO, BINARY) if binary else (open_probs[row], open_names, open_head_name)
+        values, indices = probs.topk(min(top_k, len(names)))
+        top = [(names[i], float(v)) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
+        answers.append(Answer(answer=top[0][0], head=head, probability=top[0][1], top=top))
+    return answers

@@ -1,0 +1,167 @@
+"""`dualhead train`, resume, evaluate and predict, end to end on small data."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from dualhead.cli import main
+from dualhead.config import save_config
+from dualhead.train.trainer import Trainer, TrainingDiverged
+from tests.conftest import tiny_run_config
+
+ARTEFACTS = [
+    "config.yaml",
+    "metrics.jsonl",
+    "best/model.safetensors",
+    "best/config.json",
+    "best/answers.json",
+    "last/model.safetensors",
+    "last/trainer_state.pt",
+    "loss.png",
+    "accuracy.png",
+    "confusion_binary_test.png",
+    "test_metrics.json",
+    "results.md",
+]
+
+
+def _cli(*args: str) -> str:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_train_writes_every_artefact_and_evaluates(shapes_root, tmp_path):
+    config = tiny_run_config(shapes_root, tmp_path, epochs=3)
+    trainer = Trainer(config, tmp_path / "run")
+    results = trainer.fit()
+    run = tmp_path / "run"
+    for name in ARTEFACTS:
+        assert (run / name).is_file(), f"missing {name}"
+    assert any((run / "tensorboard").iterdir())
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [row for row in epochs if row["kind"] == "epoch"]
+    assert [row["epoch"] for row in epochs] == [1, 2, 3]  # epochs completed
+    assert all("val/accuracy" in row and "train/loss/binary" in row and "train/loss/open" in row for row in epochs)
+    test = results["test"]
+    assert test["count"] == 18 and test["binary_count"] == 6 and test["open_count"] == 12
+    for key in ("accuracy", "binary_accuracy", "open_accuracy", "oracle_accuracy", "router_accuracy", "type/CLOSED/accuracy"):
+        assert 0.0 <= test[key] <= 1.0, key
+
+    output = _cli("evaluate", str(run), "--json", str(tmp_path / "eval.json"))
+    assert "binary_accuracy" in output and "router_accuracy" in output
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["metrics"]
+    assert evaluated["accuracy"] == pytest.approx(test["accuracy"], abs=1e-9)
+
+    ensemble = json.loads(
+        _cli("evaluate", str(run / "best"), "--checkpoints", str(run / "last"), "--json", str(tmp_path / "ens.json")) and (tmp_path / "ens.json").read_text()
+    )
+    assert len(ensemble["checkpoints"]) == 2 and 0.0 <= ensemble["metrics"]["accuracy"] <= 1.0
+
+    image = shapes_root / "images" / "test_0.png"
+    output = _cli("predict", str(run), "--image", str(image), "--question", "What color is the shape?")
+    assert output.startswith("answer: ") and "head: " in output and output.count("\n") >= 3
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"image": str(image), "question": "Is there a circle?"}) + "\n" + json.dumps({"image": str(image), "question": "What shape is in the image?"}) + "\n")
+    rows = [json.loads(line) for line in _cli("predict", str(run / "best"), "--input", str(queries)).splitlines()]
+    assert len(rows) == 2 and all(row["head"] in ("binary", "open") and len(row["top"]) >= 2 for row in rows)
+
+
+def test_same_seed_gives_the_same_model_twice(shapes_root, tmp_path):
+    for name in ("a", "b"):
+        config = tiny_run_config(shapes_root, tmp_path, epochs=1)
+        Trainer(config, tmp_path / name).fit()
+    a, b = _weights(tmp_path / "a" / "last"), _weights(tmp_path / "b" / "last")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_frozen_encoder_feature_cache_matches_uncached_training(shapes_root, tmp_path):
+    weights = {}
+    for cached in (True, False):
+        config = tiny_run_config(shapes_root, tmp_path, epochs=1, cache_frozen_features=cached)
+        config.model.vision.freeze = True
+        config.model.text.freeze = True
+        trainer = Trainer(config, tmp_path / f"cached_{cached}")
+        assert (trainer.cache is not None) == cached
+        trainer.fit()
+        weights[cached] = _weights(tmp_path / f"cached_{cached}" / "last")
+    for key in weights[True]:
+        torch.testing.assert_close(weights[True][key], weights[False][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(shapes_root, tmp_path):
+    config = tiny_run_config(shapes_root, tmp_path, epochs=2)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.fit()
+    kept = _weights(tmp_path / "run" / "last")
+    trainer = Trainer(config, tmp_path / "run")
+    with torch.no_grad():
+        trainer.model.open_head[-1].bias.fill_(float("nan"))
+    trainer.state["epoch"] = 0
+    with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1"):
+        trainer.fit()
+    after = _weights(tmp_path / "run" / "last")
+    assert all(torch.equal(kept[k], after[k]) for k in kept)
+
+
+def test_run_killed_mid_epoch_resumes_to_the_same_result(shapes_root, tmp_path):
+    """Kill a real `dualhead train` process after a mid-epoch checkpoint; `--resume` must finish the
+    run and end with the same weights as an uninterrupted run of the same seed."""
+    config = tiny_run_config(shapes_root, tmp_path, epochs=2, checkpoint_every_steps=1)
+    config.data.batch_size = 8  # about 10 batches per epoch
+    config.name = "killed"
+    config_path = tmp_path / "config.yaml"
+    save_config(config, config_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "dualhead.cli", "train", str(config_path)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = tmp_path / "killed" / "last" / "trainer_state.pt"
+    deadline = time.time() + 120
+    try:
+        while time.time() < deadline:
+            if state_file.is_file():
+                try:
+                    progress = torch.load(state_file, weights_only=True)["progress"]
+                except Exception:  # being written
+                    progress = None
+                if progress and progress["step"] >= 3:
+                    break
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    progress = torch.load(state_file, weights_only=True)["progress"]
+    assert progress["epoch"] == 0 and 3 <= progress["step"] < 9, progress
+
+    _cli("train", "--resume", str(tmp_path / "killed"))
+    config.name = "straight"
+    Trainer(config, tmp_path / "straight").fit()
+    resumed = torch.load(state_file, weights_only=True)["progress"]
+    straight = torch.load(tmp_path / "straight" / "last" / "trainer_state.pt", weights_only=True)["progress"]
+    assert resumed["epoch"] == straight["epoch"] == 2 and resumed["step"] == straight["step"]
+    a, b = _weights(tmp_path / "killed" / "last"), _weights(tmp_path / "straight" / "last")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_bad_override_and_missing_config_are_clear_errors(tmp_path):
+    result = CliRunner().invoke(main, ["train", "train.epochz=3"])
+    assert result.exit_code != 0 and "epochz" in result.output
+    result = CliRunner().invoke(main, ["train", str(tmp_path / "nope.yaml")])
+    assert result.exit_code != 0 and "config file not found" in result.output
