@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from dualhead.config import ModelConfig, RunConfig, TextConfig, VisionConfig
+
+# The real VQA-RAD copy lives in shared/ beside the repository (DUALHEAD_VQA_RAD overrides).
+VQA_RAD_ROOT = Path(os.environ.get("DUALHEAD_VQA_RAD", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "vqa_rad"))
 
 # Tests run small models; one thread avoids oversubscribing the two shared cores.
 torch.set_num_threads(1)
@@ -77,3 +81,10 @@ def tiny_run_config(root: Path, output_dir: Path, **train_changes) -> RunConfig:
     for key, value in train_changes.items():
         setattr(config.train, key, value)
     return config
+
+
+@pytest.fixture(scope="session")
+def vqa_rad_root() -> Path:
+    if not (VQA_RAD_ROOT / "trainset.json").is_file():
+        pytest.fail(f"VQA-RAD not found at {VQA_RAD_ROOT}: set DUALHEAD_VQA_RAD to its folder")
+    return VQA_RAD_ROOT

@@ -23,8 +23,6 @@ from dualhead.vqa.data import (
     vqa_v2,
 )
 
-VQA_RAD = Path("/work/shared/data/vqa_rad")
-
 
 def _image(path: Path, shade: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,10 +91,8 @@ def test_vqa_rad_fixture(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_vqa_rad():
-    if not VQA_RAD.is_dir():
-        pytest.skip("the VQA-RAD copy is not on this machine")
-    return vqa_rad.load(VQA_RAD)
+def real_vqa_rad(vqa_rad_root):
+    return vqa_rad.load(vqa_rad_root)
 
 
 def test_real_vqa_rad_counts_and_quirks(real_vqa_rad):

@@ -9,8 +9,6 @@ from PIL import Image
 from dualhead.vqa.data import AnswerVocab, jsonl, vqa_rad
 from dualhead.vqa.data.summary import format_summary, summarize
 
-VQA_RAD = Path("/work/shared/data/vqa_rad")
-
 
 @pytest.fixture
 def dataset(tmp_path):
@@ -76,9 +74,8 @@ def test_check_images_finds_the_corrupt_image(dataset):
     assert "images decoded: 4, failed: 1" in format_summary(summary)
 
 
-@pytest.mark.skipif(not VQA_RAD.is_dir(), reason="the VQA-RAD copy is not on this machine")
-def test_summary_of_vqa_rad():
-    splits = vqa_rad.load(VQA_RAD)
+def test_summary_of_vqa_rad(vqa_rad_root):
+    splits = vqa_rad.load(vqa_rad_root)
     summary = summarize(splits, AnswerVocab.from_records(splits.train))
     train, val, test = (summary["splits"][name] for name in ("train", "val", "test"))
     assert train["questions"] + val["questions"] == 3064 and test["questions"] == 451

@@ -98,8 +98,8 @@ def test_frozen_encoder_feature_cache_matches_uncached_training(shapes_root, tmp
         config.model.vision.freeze = True
         config.model.text.freeze = True
         trainer = Trainer(config, tmp_path / f"cached_{cached}")
-        assert (trainer.cache is not None) == cached
         trainer.fit()
+        assert (trainer.cache is not None) == cached
         weights[cached] = _weights(tmp_path / f"cached_{cached}" / "last")
     for key in weights[True]:
         torch.testing.assert_close(weights[True][key], weights[False][key], rtol=1e-4, atol=1e-5, msg=key)
@@ -165,3 +165,26 @@ def test_bad_override_and_missing_config_are_clear_errors(tmp_path):
     assert result.exit_code != 0 and "epochz" in result.output
     result = CliRunner().invoke(main, ["train", str(tmp_path / "nope.yaml")])
     assert result.exit_code != 0 and "config file not found" in result.output
+
+
+def test_frozen_warmup_trains_heads_on_cached_features_then_fine_tunes_everything(shapes_root, tmp_path):
+    config = tiny_run_config(shapes_root, tmp_path, epochs=2, frozen_warmup_epochs=1)
+    trainer = Trainer(config, tmp_path / "run")
+    seen = []  # (epoch, frozen stage, has cache, vision weights) at the start of each epoch
+    enter_stage = trainer._enter_stage
+
+    def recording(epoch):
+        enter_stage(epoch)
+        vision = {k: v.clone() for k, v in trainer.model.vision.state_dict().items()}
+        seen.append((epoch, trainer.stage, trainer.cache is not None, vision))
+
+    trainer._enter_stage = recording
+    trainer.fit()
+    starts = {}
+    for epoch, *entry in seen:  # the first call of each epoch (evaluation calls it again)
+        starts.setdefault(epoch, entry)
+    assert starts[0][:2] == [(True, True), True] and starts[1][:2] == [(False, False), False]
+    for key, value in starts[1][2].items():
+        assert torch.equal(value, starts[0][2][key]), f"{key} changed during the frozen warm-up"
+    last = _weights(tmp_path / "run" / "last")
+    assert any(not torch.equal(last[f"vision.{k}"], v) for k, v in starts[1][2].items() if v.is_floating_point()), "vision did not train after warm-up"

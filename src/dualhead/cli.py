@@ -9,14 +9,14 @@ from pathlib import Path
 
 import click
 
-from dualhead.config import ConfigError, DataConfig, RunConfig, load_config
+from dualhead.config import DEFAULT_CONFIG, ConfigError, DataConfig, RunConfig, load_config
 
 
-def _split_config_args(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
-    """`[config.yaml] [key=value ...]` -> (config path or None, overrides)."""
+def _split_config_args(args: tuple[str, ...]) -> tuple[str, list[str]]:
+    """`[config.yaml] [key=value ...]` -> (config path or bundled name, overrides)."""
     if args and "=" not in args[0]:
         return args[0], list(args[1:])
-    return None, list(args)
+    return DEFAULT_CONFIG, list(args)
 
 
 def _load(args: tuple[str, ...], extra: list[str] = ()) -> RunConfig:
@@ -39,7 +39,7 @@ def main(verbose: bool) -> None:
 @click.argument("args", nargs=-1)
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue a stopped run from its last checkpoint.")
 def train(args: tuple[str, ...], resume_dir: str | None) -> None:
-    """Train a model: `dualhead train [config.yaml] [key=value ...]` (default: easy-VQA)."""
+    """Train a model: `dualhead train [config.yaml | bundled name] [key=value ...]` (default: easy_vqa)."""
     from dualhead.train.trainer import Trainer, TrainingDiverged, new_run_dir
 
     try:

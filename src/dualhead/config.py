@@ -1,7 +1,8 @@
 """One configuration tree for every run: dataclasses, loaded from YAML, overridden by ``key=value``.
 
-The defaults are the easy-VQA recipe, so ``dualhead train`` with no arguments trains the default
-model on the embedded default dataset. ``configs/easy_vqa.yaml`` spells the same values out.
+Run configs ship inside the package (`dualhead/configs/*.yaml`, also reachable as `configs/` in the
+repository) and can be named without a path: ``dualhead train vqa_rad``. With no config at all,
+``dualhead train`` runs the bundled ``easy_vqa`` recipe on the embedded easy-VQA data.
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ class TrainConfig:
     early_stopping_patience: int | None = 3
     metric: str = "accuracy"  # validation metric that picks `best/`
     cache_frozen_features: bool = True
+    # Train fusion and heads on cached features of the frozen encoders for this many epochs, then
+    # fine-tune everything ("linear probing then fine-tuning", Kumar et al., ICLR 2022).
+    frozen_warmup_epochs: int = 0
     log_every_steps: int = 20
     checkpoint_every_steps: int | None = 200  # `last/` mid-epoch too, so a killed run loses little
     progress: bool = True
@@ -130,14 +134,31 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the configuration tree."""
 
 
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "easy_vqa"
+
+
+def bundled_configs() -> list[str]:
+    return sorted(path.stem for path in BUNDLED_CONFIGS.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML file path, or the name of a bundled config (`easy_vqa`, `vqa_rad`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    raise ConfigError(f"config file not found: {path} (bundled configs: {', '.join(bundled_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides, checked against the tree."""
     merged = OmegaConf.structured(RunConfig)
     try:
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
+            path = resolve_config_path(path)
             merged = OmegaConf.merge(merged, OmegaConf.load(path))
         for item in overrides:
             if "=" not in item:

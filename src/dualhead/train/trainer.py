@@ -37,6 +37,7 @@ from dualhead.train.features import EncoderFeatureCache, model_inputs
 from dualhead.train.plots import plot_run
 from dualhead.vqa.data import AnswerVocab, ImageStore, VQARecord, VQASplits, load_splits
 from dualhead.vqa.data.batching import GroupedBatchSampler, VQACollator
+from dualhead.vqa.encoders import freeze_module, is_frozen, unfreeze_module
 from dualhead.vqa.metrics import HeadProbabilities, binary_confusion, format_metrics_table, score
 from dualhead.vqa.model import DualHeadVQA
 from dualhead.vqa.objective import VQAObjective, all_finite
@@ -99,12 +100,14 @@ class Trainer:
         self.objective = VQAObjective(train_cfg, self.vocab, self.splits.train, config.model.single_head, self.soft_targets).to(self.device)
         self.balancer = build_balancer(train_cfg.balancer, self.objective.tasks, **self._balancer_options()).to(self.device)
         self.store = ImageStore(self.model.preprocessor, cache=config.data.cache_images)
-        self.cache = self._build_feature_cache()
-        self.optimizer = self._build_optimizer()
+        self.optimizer = self._build_optimizer()  # before any warm-up freezing: it holds every trainable parameter
         self.train_sampler = GroupedBatchSampler(
             self.splits.train, config.data.batch_size, config.data.questions_per_image, shuffle=True, seed=train_cfg.seed
         )
-        self.train_loader = self._loader(self.splits.train, self.train_sampler, augment=config.data.augment)
+        # Which encoders are frozen now; the feature cache and the loader follow (see `_enter_stage`).
+        self.stage: tuple[bool, bool] | None = None
+        self.cache: EncoderFeatureCache | None = None
+        self.train_loader: DataLoader | None = None
         steps_per_epoch = math.ceil(len(self.train_sampler) / train_cfg.grad_accum)
         self.total_steps = train_cfg.max_steps or steps_per_epoch * train_cfg.epochs
         self.scheduler = get_cosine_schedule_with_warmup(
@@ -123,15 +126,27 @@ class Trainer:
             return {"schedule": schedule}
         return dict(self.config.train.balancer_options)
 
-    def _build_feature_cache(self) -> EncoderFeatureCache | None:
-        cfg = self.config.model
-        if not self.config.train.cache_frozen_features or not (cfg.vision.freeze or cfg.text.freeze):
-            return None
-        records = self.splits.train + self.splits.val + self.splits.test
-        return EncoderFeatureCache.build(
-            self.model, records, self.store, self.device, self._autocast(), images=cfg.vision.freeze, texts=cfg.text.freeze,
-            progress=self.config.train.progress,
-        )
+    def _enter_stage(self, epoch: int) -> None:
+        """Freeze the encoders the config (or the frozen warm-up) freezes at `epoch`; cache their
+        features and rebuild the training loader when that changes."""
+        warm_up = epoch < self.config.train.frozen_warmup_epochs
+        stage = (self.config.model.vision.freeze or warm_up, self.config.model.text.freeze or warm_up)
+        if stage == self.stage:
+            return
+        for module, frozen in zip((self.model.vision, self.model.text), stage, strict=True):
+            if frozen and not is_frozen(module):
+                freeze_module(module)
+            elif not frozen and is_frozen(module):
+                unfreeze_module(module)
+        self.stage = stage
+        self.cache = None
+        if self.config.train.cache_frozen_features and any(stage):
+            records = self.splits.train + self.splits.val + self.splits.test
+            self.cache = EncoderFeatureCache.build(
+                self.model, records, self.store, self.device, self._autocast(), images=stage[0], texts=stage[1],
+                progress=self.config.train.progress,
+            )
+        self.train_loader = self._loader(self.splits.train, self.train_sampler, augment=self.config.data.augment)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; pretrained encoders at `encoder_lr`, new layers at `lr`; no decay on biases and norms."""
@@ -147,8 +162,9 @@ class Trainer:
         param_groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
         if balancer_params:
-            param_groups.append({"params": balancer_params, "lr": self.config.train.balancer_options.get("lr", cfg.lr), "weight_decay": 0.0})
-        return torch.optim.AdamW(param_groups)
+            param_groups.append({"params": balancer_params, "lr": self.balancer.lr, "weight_decay": 0.0})
+        # The fused kernel is ~9x faster than the default on CPU (27M parameters: 0.03 s vs 0.29 s a step).
+        return torch.optim.AdamW(param_groups, fused=self.device.type in ("cpu", "cuda"))
 
     def _loader(self, records: list[VQARecord], sampler: GroupedBatchSampler, augment: bool = False) -> DataLoader:
         return make_loader(self.model, records, sampler, self.store, self.cache, self.config.data.num_workers, augment, self.soft_targets)
@@ -195,6 +211,7 @@ class Trainer:
         log.info("run directory: %s", self.run_dir)
         try:
             while not self._finished():
+                self._enter_stage(self.state["epoch"])
                 epoch_metrics = self._train_epoch(self.state["epoch"])
                 if epoch_metrics is None:  # max_steps reached mid-epoch
                     break
@@ -260,7 +277,7 @@ class Trainer:
             values = {k: float(v.detach()) for k, v in task_losses.items()}
             raise TrainingDiverged(
                 f"non-finite loss at epoch {epoch + 1}, batch {index + 1} (step {self.state['step']}): {values}, router "
-                f"{None if router_loss is None else float(router_loss)}; the last good checkpoint is {self.run_dir / 'last'}"
+                f"{None if router_loss is None else float(router_loss.detach())}; the last good checkpoint is {self.run_dir / 'last'}"
             )
         scale = 1.0 / cfg.grad_accum
         extra = router_loss * cfg.router_weight * scale if router_loss is not None else None
@@ -283,8 +300,8 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         clip = self.config.train.grad_clip
-        if clip:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], clip)
+        if clip:  # the model's gradients only: a balancer's own parameters follow their own rule
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -294,6 +311,7 @@ class Trainer:
 
     def predict(self, records: list[VQARecord]) -> Prediction:
         """Head probabilities for `records` (in grouped order) with the current weights."""
+        self._enter_stage(self.state["epoch"])
         loader = self._loader(records, eval_sampler(records, max(self.config.data.batch_size, 128)))
         return predict_probabilities(self.model, loader, self.cache, self.device, self._autocast(), self.config.train.progress)
 

@@ -53,6 +53,13 @@ def freeze_module(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
+def unfreeze_module(module: nn.Module) -> nn.Module:
+    """Undo `freeze_module`: gradients on, and ``train`` follows the parent again. Returns the module."""
+    module.__dict__.pop("train", None)
+    module.requires_grad_(True)
+    return module
+
+
 def is_frozen(module: nn.Module) -> bool:
     """Whether `freeze_module` was applied to `module`."""
     return isinstance(module.__dict__.get("train"), _EvalOnlyTrain)

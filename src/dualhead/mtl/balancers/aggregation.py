@@ -109,7 +109,8 @@ class JacobianAggregation(Balancer):
     mode: "representation" (Jacobian at ``shared_features``) or "parameters" (at ``shared_params``).
     update_every: recompute the aggregation weights every this many steps (and whenever the set of
         present tasks changes); in between, the last weights make a plain weighted sum.
-    parallel_chunk_size: torchjd's option; 1 avoids ``torch.vmap`` where a model does not support it.
+    parallel_chunk_size: torchjd's option; the default 1 runs one backward per task: ``torch.vmap``
+        (None) fails on some models under bf16 autocast on CPU (dtype mismatch in the batched backward).
     **options: the aggregator's own options (torchjd's names); a ``{task: value}`` mapping is a
         per-task option (e.g. ``pref_vector``, ``leak``) and must name every task.
     """
@@ -120,7 +121,7 @@ class JacobianAggregation(Balancer):
         aggregator: str | Aggregator,
         mode: str = "representation",
         update_every: int = 1,
-        parallel_chunk_size: int | None = None,
+        parallel_chunk_size: int | None = 1,
         **options,
     ):
         super().__init__(tasks)

@@ -32,7 +32,7 @@ class DBMTL(Balancer):
         beta: float = 0.9,
         beta_sigma: float = 0.0,
         eps: float = 1e-8,
-        parallel_chunk_size: int | None = None,
+        parallel_chunk_size: int | None = 1,
     ):
         super().__init__(tasks)
         if not 0 <= beta < 1:
@@ -76,7 +76,7 @@ class DBMTL(Balancer):
             index = self.task_index(present)
             self.task_steps[index] += 1
             betas = self.beta / self.task_steps[index].to(jacobian).pow(self.beta_sigma)
-            average = jacobian + betas.unsqueeze(1) * (self.grad_average[index] - jacobian)
+            average = torch.lerp(jacobian, self.grad_average[index], betas.unsqueeze(1))  # g + b (m - g)
             self.grad_average[index] = average
             norms = average.norm(dim=1)
             scales = norms.max() / (norms + self.eps)

@@ -41,7 +41,7 @@ class GradNorm(Balancer):
         alpha: float = 1.5,
         lr: float = 0.025,
         mode: str = "representation",
-        parallel_chunk_size: int | None = None,
+        parallel_chunk_size: int | None = 1,
         min_weight: float = 1e-3,
     ):
         super().__init__(tasks)

@@ -10,10 +10,12 @@ Two places to differentiate (the ``mode`` option of the gradient methods):
   ``mtl_backward``: one pass through the backbone per task, vmapped); heads get their own task's
   gradient on the way.
 
-DDP: both Jacobians are local to one process, so compute them without gradient sync (inside
-``model.no_sync()``). In ``"parameters"`` mode the one all-reduce belongs to the combined gradient,
-right where `accumulate_flat` writes it; in ``"representation"`` mode the final backward is an
-ordinary backward, so DDP's own reducer syncs it (leave sync on for that call only).
+DDP: the Jacobians are local to one process (autograd.grad and torchjd's transforms fire no DDP
+hooks), and so are the aggregation weights. Compute them without gradient sync (inside
+``model.no_sync()``). In ``"representation"`` mode the final backward is an ordinary backward, so
+DDP's reducer can sync it (leave sync on for that call only). In ``"parameters"`` mode torchjd and
+`accumulate_flat` write every ``.grad`` themselves, so all-reduce the gradients once after
+``backward`` (where `accumulate_flat` writes the combined shared gradient, and the heads').
 """
 
 from __future__ import annotations

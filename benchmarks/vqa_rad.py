@@ -1,0 +1,49 @@
+"""Train on VQA-RAD with several seeds; report test accuracy (overall, CLOSED, OPEN, yes/no, open-ended).
+
+    python benchmarks/vqa_rad.py [--seeds 0 1 2] [--root ../shared/data/vqa_rad] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import header, mean_std, train_once  # noqa: E402
+
+COLUMNS = (
+    ("accuracy", "overall"),
+    ("type/CLOSED/accuracy", "CLOSED"),
+    ("type/OPEN/accuracy", "OPEN"),
+    ("binary_accuracy", "yes/no"),
+    ("open_accuracy", "open-ended"),
+    ("router_accuracy", "router"),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--root", default="../shared/data/vqa_rad")
+    parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    args = parser.parse_args()
+    rows, minutes = [], []
+    for seed in args.seeds:
+        overrides = [f"data.root={args.root}", f"train.seed={seed}", *args.overrides]
+        results, seconds = train_once("vqa_rad", overrides, Path(args.out) / f"vqa_rad-seed{seed}")
+        rows.append(results["test"])
+        minutes.append(seconds / 60)
+        print(json.dumps({"seed": seed, "minutes": round(seconds / 60, 1), **{k: results["test"][k] for k, _ in COLUMNS}}), flush=True)
+    print(header("python " + " ".join(sys.argv)))
+    print("| " + " | ".join(label for _, label in COLUMNS) + " | minutes per seed |")
+    print("|" + " ---: |" * (len(COLUMNS) + 1))
+    print("| " + " | ".join(mean_std([r[k] for r in rows]) for k, _ in COLUMNS) + f" | {sum(minutes) / len(minutes):.1f} |")
+    print(f"\n{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); mean ± std in percent; "
+          f"{rows[0]['count']} test questions, {rows[0]['open_out_of_vocabulary']} open answers outside the training vocabulary.")
+
+
+if __name__ == "__main__":
+    main()
