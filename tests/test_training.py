@@ -31,6 +31,7 @@ ARTEFACTS = [
     "loss.png",
     "accuracy.png",
     "confusion_binary_test.png",
+    "gradient_conflict.png",
     "test_metrics.json",
     "results.md",
 ]
@@ -47,7 +48,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_writes_every_artefact_and_evaluates(shapes_root, tmp_path):
-    config = tiny_run_config(shapes_root, tmp_path, epochs=3)
+    config = tiny_run_config(shapes_root, tmp_path, epochs=3, diagnostics_every_steps=2)
     trainer = Trainer(config, tmp_path / "run")
     results = trainer.fit()
     run = tmp_path / "run"
@@ -58,6 +59,9 @@ def test_train_writes_every_artefact_and_evaluates(shapes_root, tmp_path):
     epochs = [row for row in epochs if row["kind"] == "epoch"]
     assert [row["epoch"] for row in epochs] == [1, 2, 3]  # epochs completed
     assert all("val/accuracy" in row and "train/loss/binary" in row and "train/loss/open" in row for row in epochs)
+    diagnostics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    diagnostics = [row for row in diagnostics if row["kind"] == "diagnostics"]
+    assert diagnostics and all(-1 <= row["cosine/binary~open"] <= 1 and row["grad_norm/open"] > 0 for row in diagnostics)
     test = results["test"]
     assert test["count"] == 18 and test["binary_count"] == 6 and test["open_count"] == 12
     for key in ("accuracy", "binary_accuracy", "open_accuracy", "oracle_accuracy", "router_accuracy", "type/CLOSED/accuracy"):

@@ -115,6 +115,8 @@ class TrainConfig:
     # fine-tune everything ("linear probing then fine-tuning", Kumar et al., ICLR 2022).
     frozen_warmup_epochs: int = 0
     log_every_steps: int = 20
+    # Every this many steps, log per-task gradient norms and their cosine at the fused features.
+    diagnostics_every_steps: int | None = 50
     checkpoint_every_steps: int | None = 200  # `last/` mid-epoch too, so a killed run loses little
     progress: bool = True
 

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dualhead.mtl.diagnostics import plot_diagnostics  # noqa: E402
+
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
@@ -67,6 +69,8 @@ def plot_run(run_dir: Path) -> list[Path]:
         rows_for_plot = rows if prefix != "val/" else [{k: v for k, v in r.items() if not k.startswith("val/") or k.endswith("accuracy")} for r in rows]
         if plot_curves(rows_for_plot, prefix, title, run_dir / name, kind):
             written.append(run_dir / name)
+    if any(row.get("kind") == "diagnostics" for row in rows):
+        written.append(plot_diagnostics(run_dir / "metrics.jsonl", run_dir / "gradient_conflict.png"))
     results = run_dir / "test_metrics.json"
     if results.is_file():
         data = json.loads(results.read_text())

@@ -26,6 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from dualhead.config import RunConfig, load_config, save_config
 from dualhead.mtl.balancers import build_balancer
+from dualhead.mtl.diagnostics import gradient_conflict
 from dualhead.train.checkpoints import (
     load_trainer_state,
     recover_interrupted,
@@ -138,6 +139,8 @@ class Trainer:
                 freeze_module(module)
             elif not frozen and is_frozen(module):
                 unfreeze_module(module)
+        if epoch == self.config.train.frozen_warmup_epochs and self.state["batches_done"] == 0:
+            self.state["bad_epochs"] = 0  # early stopping judges the fine-tuning on its own
         self.stage = stage
         self.cache = None
         if self.config.train.cache_frozen_features and any(stage):
@@ -240,7 +243,9 @@ class Trainer:
         for index, batch in enumerate(bar):
             if index < skip:
                 continue
-            losses, report = self._train_batch(batch, epoch, index)
+            losses, report, diagnostics = self._train_batch(batch, epoch, index)
+            if diagnostics:
+                self._log("diagnostics", diagnostics)
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + value
                 counts[name] = counts.get(name, 0) + 1
@@ -279,6 +284,10 @@ class Trainer:
                 f"non-finite loss at epoch {epoch + 1}, batch {index + 1} (step {self.state['step']}): {values}, router "
                 f"{None if router_loss is None else float(router_loss.detach())}; the last good checkpoint is {self.run_dir / 'last'}"
             )
+        diagnostics = {}
+        every = cfg.diagnostics_every_steps
+        if every and len(task_losses) > 1 and self.state["step"] % every == 0 and index % cfg.grad_accum == 0:
+            diagnostics = gradient_conflict(task_losses, output.fused)
         scale = 1.0 / cfg.grad_accum
         extra = router_loss * cfg.router_weight * scale if router_loss is not None else None
         report = self.balancer.backward(
@@ -292,7 +301,7 @@ class Trainer:
         logged = {task: float(loss.detach()) for task, loss in task_losses.items()}
         if router_loss is not None:
             logged["router"] = float(router_loss.detach())
-        return logged, report
+        return logged, report, diagnostics
 
     def _shared_params(self) -> list[torch.nn.Parameter]:
         shared = [self.model.vision, self.model.text, self.model.fusion]
