@@ -1,6 +1,6 @@
 """Train the default model on easy-VQA and report test accuracy and wall time.
 
-    python benchmarks/easy_vqa.py [--out runs/bench] [key=value ...]
+    python -m benchmarks.easy_vqa [--out runs/bench] [key=value ...]
 """
 
 from __future__ import annotations
@@ -9,8 +9,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header, train_once  # noqa: E402
+USAGE = "python -m benchmarks.easy_vqa [--out runs/bench] [key=value ...]"
+
+if not __package__:  # run as a file, this script's name would shadow the easy_vqa package
+    sys.exit(f"run it from the repository root as: {USAGE}")
+
+from benchmarks.common import header, train_once  # noqa: E402
 
 
 def main() -> None:
@@ -20,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     results, seconds = train_once("easy_vqa", args.overrides, Path(args.out) / "easy_vqa")
     test = results["test"]
-    print(header("python " + " ".join(sys.argv)))
+    print(header(f"python -m benchmarks.{Path(__file__).stem} " + " ".join(sys.argv[1:])))
     print("| metric | test |\n| --- | ---: |")
     for key, label in (("accuracy", "overall"), ("binary_accuracy", "yes/no"), ("open_accuracy", "open-ended"),
                        ("oracle_accuracy", "overall, oracle routing"), ("router_accuracy", "router")):

@@ -1,6 +1,6 @@
 """Train on VQA-RAD with several seeds; report test accuracy (overall, CLOSED, OPEN, yes/no, open-ended).
 
-    python benchmarks/vqa_rad.py [--seeds 0 1 2] [--root ../shared/data/vqa_rad] [key=value ...]
+    python -m benchmarks.vqa_rad [--seeds 0 1 2] [--root ../shared/data/vqa_rad] [key=value ...]
 """
 
 from __future__ import annotations
@@ -10,8 +10,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import header, mean_std, train_once  # noqa: E402
+USAGE = "python -m benchmarks.vqa_rad [--seeds 0 1 2] [--root ../shared/data/vqa_rad] [key=value ...]"
+
+if not __package__:  # run as a file, this script's name would shadow the easy_vqa package
+    sys.exit(f"run it from the repository root as: {USAGE}")
+
+from benchmarks.common import header, mean_std, train_once  # noqa: E402
 
 COLUMNS = (
     ("accuracy", "overall"),
@@ -37,7 +41,7 @@ def main() -> None:
         rows.append(results["test"])
         minutes.append(seconds / 60)
         print(json.dumps({"seed": seed, "minutes": round(seconds / 60, 1), **{k: results["test"][k] for k, _ in COLUMNS}}), flush=True)
-    print(header("python " + " ".join(sys.argv)))
+    print(header(f"python -m benchmarks.{Path(__file__).stem} " + " ".join(sys.argv[1:])))
     print("| " + " | ".join(label for _, label in COLUMNS) + " | minutes per seed |")
     print("|" + " ---: |" * (len(COLUMNS) + 1))
     print("| " + " | ".join(mean_std([r[k] for r in rows]) for k, _ in COLUMNS) + f" | {sum(minutes) / len(minutes):.1f} |")

@@ -46,7 +46,7 @@ def test_params_reports_the_reference_design_at_about_68m_with_over_95_percent_s
 
 
 def test_params_marks_frozen_components():
-    result = _run("params", "model.vision.freeze=true", "--answers", "5")
+    result = _run("params", "model.vision.freeze=true", "model.text.freeze=false", "--answers", "5")
     assert result.exit_code == 0, result.output
     assert re.search(r"Vision encoder \| [\d,]+ \| [\d.]+% \| frozen", result.output)
     assert re.search(r"Text encoder \| [\d,]+ \| [\d.]+% \| yes", result.output)

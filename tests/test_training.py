@@ -192,3 +192,11 @@ def test_frozen_warmup_trains_heads_on_cached_features_then_fine_tunes_everythin
         assert torch.equal(value, starts[0][2][key]), f"{key} changed during the frozen warm-up"
     last = _weights(tmp_path / "run" / "last")
     assert any(not torch.equal(last[f"vision.{k}"], v) for k, v in starts[1][2].items() if v.is_floating_point()), "vision did not train after warm-up"
+
+
+def test_bf16_autocast_training_with_gradient_diagnostics(shapes_root, tmp_path):
+    config = tiny_run_config(shapes_root, tmp_path, epochs=1, precision="bf16", diagnostics_every_steps=1)
+    results = Trainer(config, tmp_path / "run").fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(row["kind"] == "diagnostics" for row in rows) >= 3
+    assert 0.0 <= results["test"]["accuracy"] <= 1.0

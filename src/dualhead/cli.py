@@ -11,6 +11,8 @@ import click
 
 from dualhead.config import DEFAULT_CONFIG, ConfigError, DataConfig, RunConfig, load_config
 
+PREDICT_CHUNK = 64  # questions answered per forward pass by `predict --input`
+
 
 def _split_config_args(args: tuple[str, ...]) -> tuple[str, list[str]]:
     """`[config.yaml] [key=value ...]` -> (config path or bundled name, overrides)."""
@@ -49,7 +51,10 @@ def train(args: tuple[str, ...], resume_dir: str | None) -> None:
             trainer = Trainer.resume(Path(resume_dir))
         else:
             config = _load(args)
-            trainer = Trainer(config, new_run_dir(config))
+            run_dir = new_run_dir(config)
+            if run_dir.exists() and any(run_dir.iterdir()):
+                _fail(f"run directory {run_dir} already exists: continue it with --resume {run_dir}, or set name=...")
+            trainer = Trainer(config, run_dir)
         results = trainer.fit()
     except (ConfigError, ValueError, FileNotFoundError, TrainingDiverged) as err:
         _fail(str(err))
@@ -103,7 +108,10 @@ def predict(checkpoint: str, image: str | None, question: str | None, input_path
         _fail("give --image and --question, or --input file.jsonl")
     try:
         model = DualHeadVQA.from_pretrained(resolve_checkpoint(checkpoint))
-        answers = model.answer([q["image"] for q in queries], [q["question"] for q in queries], top_k=top_k)
+        answers = []
+        for start in range(0, len(queries), PREDICT_CHUNK):
+            chunk = queries[start : start + PREDICT_CHUNK]
+            answers += model.answer([q["image"] for q in chunk], [q["question"] for q in chunk], top_k=top_k)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     for query, answer in zip(queries, answers, strict=True):

@@ -14,6 +14,13 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# The reference design's schedule: equal weights, then more on the (harder) open-ended task.
+REFERENCE_TASK_WEIGHTS = {
+    0: {"binary": 0.5, "open": 0.5},
+    11: {"binary": 0.3, "open": 0.7},
+    21: {"binary": 0.2, "open": 0.8},
+}
+
 
 @dataclass
 class VisionConfig:
@@ -26,6 +33,9 @@ class VisionConfig:
     freeze: bool = False
     # Input resolution; null follows the encoder's pretrained configuration (224 for the default).
     image_size: int | None = None
+    # Keep batch-norm running statistics fixed while fine-tuning: grouped batches hold few distinct
+    # images (8 for easy-VQA), too few for good batch statistics.
+    norm_eval: bool = True
 
 
 @dataclass
@@ -94,14 +104,9 @@ class TrainConfig:
     focal_gamma: float = 2.5
     class_weights: str = "inverse_frequency"  # inverse_frequency | none
     label_smoothing: float = 0.0
-    # Task weights {epoch_from: {task: weight}}; the reference: equal, then more on the open task.
-    task_weight_schedule: dict[int, dict[str, float]] = field(
-        default_factory=lambda: {
-            0: {"binary": 0.5, "open": 0.5},
-            11: {"binary": 0.3, "open": 0.7},
-            21: {"binary": 0.2, "open": 0.8},
-        }
-    )
+    # Task weights {first_epoch: {task: weight}} for the fixed balancer; null means the reference
+    # design's schedule (REFERENCE_TASK_WEIGHTS). A schedule given here replaces it whole.
+    task_weight_schedule: dict[int, dict[str, float]] | None = None
     router_weight: float = 0.1
     balancer: str = "fixed"  # see dualhead.mtl.balancers.BALANCERS
     balancer_options: dict[str, Any] = field(default_factory=dict)

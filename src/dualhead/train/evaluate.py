@@ -48,12 +48,13 @@ def evaluate_checkpoints(
     The dataset is the one the first checkpoint's run trained on unless `data` is given.
     """
     checkpoints = [resolve_checkpoint(p) for p in paths]
+    run_config = run_config_for(checkpoints[0])
     if data is None:
-        run_config = run_config_for(checkpoints[0])
         if run_config is None:
             raise ValueError(f"{checkpoints[0]} is not inside a run directory: name the dataset with --format and --root")
         data = run_config.data
-    splits = load_splits(data)
+    # The run's seed carves the same validation split the run held out.
+    splits = load_splits(data, seed=run_config.train.seed if run_config else 0)
     records = splits.split(split)
     if not records:
         raise ValueError(f"the {data.format} dataset has no {split} split")

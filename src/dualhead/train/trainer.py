@@ -24,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from dualhead.config import RunConfig, load_config, save_config
+from dualhead.config import REFERENCE_TASK_WEIGHTS, RunConfig, load_config, save_config
 from dualhead.mtl.balancers import build_balancer
 from dualhead.mtl.diagnostics import gradient_conflict
 from dualhead.train.checkpoints import (
@@ -44,6 +44,8 @@ from dualhead.vqa.model import DualHeadVQA
 from dualhead.vqa.objective import VQAObjective, all_finite
 
 log = logging.getLogger(__name__)
+
+VALIDATION_METRICS = ("accuracy", "binary_accuracy", "open_accuracy", "oracle_accuracy", "router_accuracy", "vqa_accuracy")
 
 
 class TrainingDiverged(RuntimeError):
@@ -91,6 +93,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         train_cfg = config.train
         seed_everything(train_cfg.seed)
+        if train_cfg.metric not in VALIDATION_METRICS:
+            raise ValueError(f"unknown train.metric {train_cfg.metric!r}; choose one of {', '.join(VALIDATION_METRICS)}")
         self.device = resolve_device(train_cfg.device)
         self.splits = splits if splits is not None else load_splits(config.data, seed=train_cfg.seed)
         if not self.splits.train:
@@ -109,8 +113,7 @@ class Trainer:
         self.stage: tuple[bool, bool] | None = None
         self.cache: EncoderFeatureCache | None = None
         self.train_loader: DataLoader | None = None
-        steps_per_epoch = math.ceil(len(self.train_sampler) / train_cfg.grad_accum)
-        self.total_steps = train_cfg.max_steps or steps_per_epoch * train_cfg.epochs
+        self.total_steps = train_cfg.max_steps or self._steps_in_epochs(train_cfg.epochs)
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, int(train_cfg.warmup_fraction * self.total_steps), max(self.total_steps, 1)
         )
@@ -121,11 +124,20 @@ class Trainer:
 
     def _balancer_options(self) -> dict[str, Any]:
         if self.config.train.balancer == "fixed":
-            schedule = self.config.train.task_weight_schedule
+            schedule = self.config.train.task_weight_schedule or REFERENCE_TASK_WEIGHTS
             if self.config.model.single_head:  # one task: the schedule's tasks do not apply
                 schedule = None
             return {"schedule": schedule}
         return dict(self.config.train.balancer_options)
+
+    def _steps_in_epochs(self, epochs: int) -> int:
+        """Optimiser steps in the first `epochs` epochs (the schedule's length)."""
+        steps = 0
+        for epoch in range(epochs):
+            self.train_sampler.set_epoch(epoch)
+            steps += math.ceil(self.train_sampler.epoch_length / self.config.train.grad_accum)
+        self.train_sampler.set_epoch(0)
+        return steps
 
     def _enter_stage(self, epoch: int) -> None:
         """Freeze the encoders the config (or the frozen warm-up) freezes at `epoch`; cache their
@@ -139,8 +151,6 @@ class Trainer:
                 freeze_module(module)
             elif not frozen and is_frozen(module):
                 unfreeze_module(module)
-        if epoch == self.config.train.frozen_warmup_epochs and self.state["batches_done"] == 0:
-            self.state["bad_epochs"] = 0  # early stopping judges the fine-tuning on its own
         self.stage = stage
         self.cache = None
         if self.config.train.cache_frozen_features and any(stage):
@@ -184,7 +194,8 @@ class Trainer:
         config_path = run_dir / "config.yaml"
         if not config_path.is_file():
             raise FileNotFoundError(f"cannot resume: {config_path} not found; is {run_dir} a dualhead run directory?")
-        recover_interrupted(run_dir / "last")
+        for name in ("last", "best"):
+            recover_interrupted(run_dir / name)
         trainer = cls(load_config(config_path), run_dir)
         state = load_trainer_state(run_dir / "last")
         trainer.model.load_state_dict(DualHeadVQA.from_pretrained(run_dir / "last").state_dict())
@@ -234,15 +245,15 @@ class Trainer:
         cfg = self.config.train
         self.model.train()
         self.balancer.set_epoch(epoch)
-        self.train_sampler.set_epoch(epoch)
         skip = self.state["batches_done"]  # resuming mid-epoch: the epoch's order is reproducible
+        self.train_sampler.set_epoch(epoch, skip=skip)
+        self.train_loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # worker seeds, per epoch
+        epoch_length = self.train_sampler.epoch_length
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         started = time.perf_counter()
         bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
-        for index, batch in enumerate(bar):
-            if index < skip:
-                continue
+        for index, batch in enumerate(bar, start=skip):
             losses, report, diagnostics = self._train_batch(batch, epoch, index)
             if diagnostics:
                 self._log("diagnostics", diagnostics)
@@ -250,17 +261,17 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value
                 counts[name] = counts.get(name, 0) + 1
             self.state["batches_done"] = index + 1
-            if (index + 1) % cfg.grad_accum == 0 or index + 1 == len(bar):
+            if (index + 1) % cfg.grad_accum == 0 or index + 1 == epoch_length:
                 self._optimizer_step()
                 bar.set_postfix(loss=f"{report.loss:.3f}")
-                if self.state["step"] % cfg.log_every_steps == 0:
+                if cfg.log_every_steps and self.state["step"] % cfg.log_every_steps == 0:
                     self._log("step", {**{f"loss/{k}": v for k, v in losses.items()}, **{f"weight/{k}": v for k, v in report.weights.items()},
                                        "lr": self.scheduler.get_last_lr()[0]})
                 if cfg.checkpoint_every_steps and self.state["step"] % cfg.checkpoint_every_steps == 0:
                     self._save("last")
                 if cfg.max_steps is not None and self.state["step"] >= cfg.max_steps:
                     break
-        epoch_done = self.state["batches_done"] >= len(self.train_sampler)
+        epoch_done = self.state["batches_done"] >= epoch_length
         metrics = {f"train/loss/{k}": totals[k] / counts[k] for k in totals}
         metrics["train/seconds"] = time.perf_counter() - started
         if epoch_done or (cfg.max_steps is not None and self.state["step"] >= cfg.max_steps):
@@ -329,12 +340,12 @@ class Trainer:
             return {}
         prediction = self.predict(self.splits.val)
         metrics, _ = score(prediction.probs, prediction.records, self.vocab)
-        value = metrics[self.config.train.metric]
-        if self.state["best"] is None or value > self.state["best"]:
+        value = metrics.get(self.config.train.metric)
+        if value is not None and (self.state["best"] is None or value > self.state["best"]):
             self.state["best"] = value
             self.state["bad_epochs"] = 0
             self._save("best")
-        else:
+        elif epoch >= self.config.train.frozen_warmup_epochs:  # the warm-up's plateau does not count
             self.state["bad_epochs"] += 1
             patience = self.config.train.early_stopping_patience
             if patience is not None and self.state["bad_epochs"] >= patience:

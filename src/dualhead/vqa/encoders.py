@@ -202,9 +202,10 @@ class VisionEncoder(nn.Module):
     post-pool ``conv_head``) are removed, so every parameter receives a gradient.
     """
 
-    def __init__(self, model: nn.Module, data_config: dict[str, Any]):
+    def __init__(self, model: nn.Module, data_config: dict[str, Any], norm_eval: bool = False):
         super().__init__()
         self.model = model
+        self.norm_eval = norm_eval
         self.arch: str = model.pretrained_cfg["architecture"]
         self.data_config = data_config
         self.out_dim: int = self._drop_unused_layers(tuple(data_config["input_size"]))
@@ -215,6 +216,15 @@ class VisionEncoder(nn.Module):
             spatial = (1, 2) if getattr(self.model, "output_fmt", "NCHW") == "NHWC" else (2, 3)
             return features.mean(dim=spatial)
         return self.model.forward_head(features, pre_logits=True)
+
+    def train(self, mode: bool = True) -> VisionEncoder:
+        """With `norm_eval`, batch-norm layers keep their running statistics while the rest trains."""
+        super().train(mode)
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     @property
     def frozen(self) -> bool:
@@ -250,7 +260,7 @@ def build_vision_encoder(cfg: VisionConfig) -> VisionEncoder:
     data_config = timm.data.resolve_data_config(model=model)
     if cfg.image_size is not None:
         data_config["input_size"] = (data_config["input_size"][0], cfg.image_size, cfg.image_size)
-    encoder = VisionEncoder(model, data_config)
+    encoder = VisionEncoder(model, data_config, norm_eval=cfg.norm_eval)
     return freeze_module(encoder) if cfg.freeze else encoder
 
 

@@ -59,7 +59,9 @@ class VQAObjective(nn.Module):
         else:
             losses = {BINARY: self.binary_loss(output.binary_logits, batch.binary_target)}
             if self.soft_targets and batch.open_soft is not None:
-                losses[OPEN] = self.soft_loss(output.open_logits, batch.open_soft, ~batch.is_binary)
+                # open questions with a score on some vocabulary answer (all-zero rows have no label)
+                labelled = ~batch.is_binary & (batch.open_soft.sum(-1) > 0)
+                losses[OPEN] = self.soft_loss(output.open_logits, batch.open_soft, labelled)
             else:
                 losses[OPEN] = self.open_loss(output.open_logits, batch.open_target)
         losses = {task: value for task, value in losses.items() if value is not None}

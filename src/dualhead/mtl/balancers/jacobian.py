@@ -48,7 +48,7 @@ def check_features(features: Tensor | None, method: str) -> Tensor:
 
 
 def feature_jacobian(
-    losses: Sequence[Tensor], features: Tensor, *, parallel_chunk_size: int | None = None
+    losses: Sequence[Tensor], features: Tensor, *, parallel_chunk_size: int | None = 1
 ) -> Tensor:
     """The ``[m, features.numel()]`` float32 Jacobian of `losses` w.r.t. `features`; the graph is kept."""
     rows = jac(list(losses), [features], retain_graph=True, parallel_chunk_size=parallel_chunk_size)[0]

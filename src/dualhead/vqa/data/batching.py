@@ -25,7 +25,7 @@ IGNORE = -100  # target of a question that a head does not learn from
 
 
 class GroupedBatchSampler(Sampler[list[int]]):
-    """Yields batches of record indices holding up to `questions_per_image` questions per image.
+    """Yields batches of record indices that group several questions of the same image.
 
     Every record appears exactly once per epoch. Each image's questions are shuffled and cut into
     chunks of at most `questions_per_image`; the chunks are shuffled and packed into batches of at
@@ -44,10 +44,13 @@ class GroupedBatchSampler(Sampler[list[int]]):
         self.questions_per_image = max(1, min(questions_per_image, batch_size // 2))
         self.shuffle = shuffle
         self.seed = seed
-        self.epoch = 0
+        self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Shuffle for `epoch`; the first `skip` batches are left out (resuming mid-epoch)."""
         self.epoch = epoch
+        self.skip = skip
+        self._epoch_batches = self._batches()
 
     def _batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + self.epoch)
@@ -65,14 +68,20 @@ class GroupedBatchSampler(Sampler[list[int]]):
                 batches.append([])
             batches[-1].append(chunk)
         if len(batches) > 1 and len(batches[-1]) == 1:  # one image alone breaks batch norm in training
-            batches[-2] += batches.pop()
+            last = batches.pop()
+            batches[-1] += last
         return [[index for chunk in batch for index in chunk] for batch in batches if batch]
 
     def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches()
+        yield from self._epoch_batches[self.skip :]
+
+    @property
+    def epoch_length(self) -> int:
+        """Batches in the current epoch, skipped ones included (packing varies a little by epoch)."""
+        return len(self._epoch_batches)
 
     def __len__(self) -> int:
-        return len(self._batches())
+        return len(self._epoch_batches) - self.skip
 
 
 @dataclass
