@@ -398,11 +398,7 @@ def predict_probabilities(model: DualHeadVQA, loader: DataLoader, cache, device,
             with autocast:
                 output = model(**model_inputs(batch, cache))
             ordered += batch.records
-            parts.append(HeadProbabilities(
-                binary=output.binary_logits.float().softmax(-1).cpu() if output.binary_logits is not None else None,
-                open=output.open_logits.float().softmax(-1).cpu(),
-                router=output.router_logits.float().softmax(-1).cpu() if output.router_logits is not None else None,
-            ))
+            parts.append(HeadProbabilities.from_output(output))
     finally:
         model.train(was_training)
     return Prediction(ordered, HeadProbabilities.concat(parts))

@@ -30,6 +30,15 @@ class HeadProbabilities:
     router: Tensor | None  # [N, 2]
 
     @staticmethod
+    def from_output(output) -> HeadProbabilities:
+        """Softmax of a `DualHeadOutput`'s logits, in float32 on the CPU."""
+
+        def softmax(logits: Tensor | None) -> Tensor | None:
+            return None if logits is None else logits.float().softmax(-1).cpu()
+
+        return HeadProbabilities(binary=softmax(output.binary_logits), open=softmax(output.open_logits), router=softmax(output.router_logits))
+
+    @staticmethod
     def concat(parts: Sequence[HeadProbabilities]) -> HeadProbabilities:
         def cat(name: str) -> Tensor | None:
             values = [getattr(p, name) for p in parts]
@@ -54,13 +63,23 @@ class HeadProbabilities:
         return HeadProbabilities(binary=mean("binary"), open=mean("open"), router=mean("router"))
 
 
-def predict_answers(probs: HeadProbabilities, vocab: AnswerVocab, route_to_binary: Tensor) -> list[str]:
+def route_to_binary(probs: HeadProbabilities) -> Tensor:
+    """Which rows the binary head answers: the router's call; without a router, the more confident
+    head; never, for a single-head model."""
+    if probs.binary is None:
+        return torch.zeros(probs.open.shape[0], dtype=torch.bool)
+    if probs.router is not None:
+        return probs.router.argmax(-1) == 1
+    return probs.binary.amax(-1) >= probs.open.amax(-1)
+
+
+def predict_answers(probs: HeadProbabilities, vocab: AnswerVocab, to_binary: Tensor) -> list[str]:
     """The answer string per row, taken from the head each row is routed to."""
     if probs.binary is None:
         return [vocab.single_head_answers[i] for i in probs.open.argmax(-1).tolist()]
     binary = [YES_NO[i] for i in probs.binary.argmax(-1).tolist()]
     open_answers = [vocab.open_answers[i] if vocab.open_answers else "" for i in probs.open.argmax(-1).tolist()]
-    return [b if to_binary else o for b, o, to_binary in zip(binary, open_answers, route_to_binary.tolist(), strict=True)]
+    return [b if routed else o for b, o, routed in zip(binary, open_answers, to_binary.tolist(), strict=True)]
 
 
 def _accuracy(correct: Sequence[bool]) -> float | None:
@@ -69,12 +88,8 @@ def _accuracy(correct: Sequence[bool]) -> float | None:
 
 def score(probs: HeadProbabilities, records: Sequence[VQARecord], vocab: AnswerVocab) -> tuple[dict, list[str]]:
     """All metrics for one split, and the routed prediction per record."""
-    is_binary = torch.tensor([r.task == BINARY for r in records])
-    routed_binary = probs.router.argmax(-1) == 1 if probs.router is not None and probs.binary is not None else None
-    if probs.binary is None:
-        routed_binary = torch.zeros_like(is_binary)
-    elif routed_binary is None:  # no router: the more confident head answers
-        routed_binary = probs.binary.amax(-1) >= probs.open.amax(-1)
+    is_binary = torch.tensor([r.task == BINARY for r in records], dtype=torch.bool)
+    routed_binary = route_to_binary(probs)
     routed = predict_answers(probs, vocab, routed_binary)
     oracle = predict_answers(probs, vocab, is_binary)
     truth = [r.answer for r in records]

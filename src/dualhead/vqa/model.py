@@ -24,6 +24,7 @@ from dualhead.vqa.data.records import BINARY, OPEN, YES_NO
 from dualhead.vqa.encoders import build_text_encoder, build_vision_encoder, freeze_module
 from dualhead.vqa.fusion import build_fusion
 from dualhead.vqa.heads import binary_head, open_head, router_head
+from dualhead.vqa.metrics import HeadProbabilities, route_to_binary
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -149,7 +150,8 @@ class DualHeadVQA(nn.Module):
                 input_ids=tokens["input_ids"].to(self.device),
                 attention_mask=tokens["attention_mask"].to(self.device),
             )
-            return decode_answers(output, self.vocab, route_binary(output), top_k)
+            probs = HeadProbabilities.from_output(output)
+            return decode_answers(probs, self.vocab, route_to_binary(probs), top_k)
         finally:
             self.train(was_training)
 
@@ -180,25 +182,17 @@ class DualHeadVQA(nn.Module):
         return model.to(map_location)
 
 
-def route_binary(output: DualHeadOutput) -> Tensor:
-    """Which questions go to the binary head: the router's call, else the more confident head."""
-    if output.binary_logits is None:
-        return torch.zeros(output.open_logits.shape[0], dtype=torch.bool, device=output.open_logits.device)
-    if output.router_logits is not None:
-        return output.router_logits.argmax(dim=-1) == 1
-    return output.binary_logits.softmax(-1).amax(-1) >= output.open_logits.softmax(-1).amax(-1)
-
-
-def decode_answers(output: DualHeadOutput, vocab: AnswerVocab, to_binary: Tensor, top_k: int = 5) -> list[Answer]:
-    """Turn logits into answer strings, taking each question's answer from the head it is routed to."""
-    open_probs = output.open_logits.float().softmax(-1).cpu()
-    open_names = vocab.single_head_answers if output.binary_logits is None else vocab.open_answers
-    open_head_name = SINGLE if output.binary_logits is None else OPEN
-    binary_probs = output.binary_logits.float().softmax(-1).cpu() if output.binary_logits is not None else None
+def decode_answers(probs: HeadProbabilities, vocab: AnswerVocab, to_binary: Tensor, top_k: int = 5) -> list[Answer]:
+    """Turn probabilities into answer strings, each question answered by the head it is routed to."""
+    single = probs.binary is None
+    open_names = vocab.single_head_answers if single else vocab.open_answers
     answers = []
     for row, binary in enumerate(to_binary.tolist()):
-        probs, names, head = (binary_probs[row], YES_NO, BINARY) if binary else (open_probs[row], open_names, open_head_name)
-        values, indices = probs.topk(min(top_k, len(names)))
+        if binary:
+            row_probs, names, head = probs.binary[row], YES_NO, BINARY
+        else:
+            row_probs, names, head = probs.open[row], open_names, SINGLE if single else OPEN
+        values, indices = row_probs.topk(min(top_k, len(names)))
         top = [(names[i], float(v)) for v, i in zip(values.tolist(), indices.tolist(), strict=True)]
         answers.append(Answer(answer=top[0][0], head=head, probability=top[0][1], top=top))
     return answers
