@@ -402,3 +402,18 @@ def test_load_splits_registry(tmp_path):
     rad = write_vqa_rad(tmp_path / "rad")
     splits = load_splits(DataConfig(format="vqa_rad", root=str(rad), val_fraction=0.3), seed=1)
     assert len({r.image for r in splits.val}) == 3
+
+
+def test_verify_images_reports_a_corrupt_image_or_skips_and_counts_it(tmp_path):
+    from tests.conftest import write_shapes_dataset
+
+    root = write_shapes_dataset(tmp_path, {"train": 4, "test": 2})
+    (root / "images" / "train_1.png").write_bytes(b"not a png at all")
+    config = DataConfig(format="jsonl", root=str(root), verify_images=True)
+    with pytest.raises(DataError, match=r"cannot decode image .*train_1\.png \(train\.jsonl line \d+\)"):
+        load_splits(config)
+    config.skip_invalid = True
+    splits = load_splits(config)
+    assert all(r.image.name != "train_1.png" for r in splits.train + splits.val)
+    assert [r.reason for r in splits.rejected] == ["corrupt image"] * 3
+    assert len(splits.train) + len(splits.val) == 9

@@ -81,6 +81,9 @@ class DataConfig:
     min_answer_count: int = 1
     max_answers: int | None = None
     skip_invalid: bool = False
+    # Decode every distinct image while loading: a corrupt one is an error at once (or, with
+    # skip_invalid, its records are skipped and counted) rather than a failure mid-training.
+    verify_images: bool = False
     batch_size: int = 64
     questions_per_image: int = 4  # the grouped sampler's cap of questions per image in one batch
     num_workers: int = 0

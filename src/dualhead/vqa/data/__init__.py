@@ -40,7 +40,32 @@ def load_splits(config: DataConfig, seed: int = 0) -> VQASplits:
     options = {"lang": config.lang, "val_fraction": config.val_fraction, "seed": seed,
                "skip_invalid": config.skip_invalid}  # fmt: skip
     root = Path(config.root) if config.root is not None else None
-    return loader(root, **{name: value for name, value in options.items() if name in accepted})
+    splits = loader(root, **{name: value for name, value in options.items() if name in accepted})
+    return verify_images(splits, config.skip_invalid) if config.verify_images else splits
+
+
+def verify_images(splits: VQASplits, skip_invalid: bool = False) -> VQASplits:
+    """Decode each distinct image once; a corrupt one raises a DataError naming it and a record
+    that uses it, or, with `skip_invalid`, its records are dropped and counted as rejections."""
+    broken: dict[Path, str] = {}
+    checked: set[Path] = set()
+    for records in (splits.train, splits.val, splits.test):
+        for record in records:
+            if record.image in checked:
+                continue
+            checked.add(record.image)
+            try:
+                load_rgb(record.image, record.source)
+            except DataError as err:
+                if not skip_invalid:
+                    raise
+                broken[record.image] = str(err)
+    if not broken:
+        return splits
+    kept = {name: [r for r in splits.split(name) if r.image not in broken] for name in ("train", "val", "test")}
+    rejected = [Rejection(r.source, "corrupt image", broken[r.image])
+                for name in ("train", "val", "test") for r in splits.split(name) if r.image in broken]
+    return VQASplits(splits.name, kept["train"], kept["val"], kept["test"], splits.rejected + rejected)
 
 
 __all__ = [
@@ -62,5 +87,6 @@ __all__ = [
     "normalize_answer",
     "question_allows_flip",
     "vqa_accuracy",
+    "verify_images",
     "vqa_soft_scores",
 ]
