@@ -164,6 +164,19 @@ def carve_val_by_image(
     return train, val
 
 
+def carve_val_by_question(
+    records: list[VQARecord], fraction: float, seed: int
+) -> tuple[list[VQARecord], list[VQARecord]]:
+    """Split records into (train, val) by question: `fraction` of the records, drawn with `seed`, go to
+    val. For datasets whose official test split is by question (VQA-RAD), so val resembles test."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {fraction}")
+    chosen = set(random.Random(seed).sample(range(len(records)), round(fraction * len(records))))
+    train = [record for i, record in enumerate(records) if i not in chosen]
+    val = [record for i, record in enumerate(records) if i in chosen]
+    return train, val
+
+
 @dataclass(frozen=True)
 class FieldNames:
     """Where a format keeps each value in a record object (None: the format has no such field)."""

@@ -1,7 +1,9 @@
 """VQA-RAD (Lau et al., 2018): ``trainset.json`` / ``testset.json`` beside ``images/``.
 
 Copes with the published quirks: numbers as answers, stray spaces, ``"CLOSED "``, mixed case.
-Duplicate rows are real published rows and are kept. Validation is carved from train by image.
+Duplicate rows are real published rows and are kept. Validation is carved from train by question,
+as the published test split is (all test images also appear in train): a validation split by image
+would judge a different task from the test and pick checkpoints badly.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from .loading import (
     FieldNames,
     RecordBuilder,
     build_records,
-    carve_val_by_image,
+    carve_val_by_question,
     json_rows,
     require_dir,
 )
@@ -29,6 +31,6 @@ def load(root: Path, *, val_fraction: float = 0.1, seed: int = 0, skip_invalid: 
     """Load VQA-RAD from `root` (the folder holding trainset.json, testset.json and images/)."""
     root = require_dir(Path(root), "VQA-RAD folder")
     builder = RecordBuilder(root, skip_invalid)
-    train, val = carve_val_by_image(_read(root, "trainset.json", builder), val_fraction, seed)
+    train, val = carve_val_by_question(_read(root, "trainset.json", builder), val_fraction, seed)
     test = _read(root, "testset.json", builder)
     return VQASplits("vqa_rad", train, val, test, builder.rejected)
