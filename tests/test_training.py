@@ -200,3 +200,39 @@ def test_bf16_autocast_training_with_gradient_diagnostics(shapes_root, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert sum(row["kind"] == "diagnostics" for row in rows) >= 3
     assert 0.0 <= results["test"]["accuracy"] <= 1.0
+
+
+def test_a_few_hundred_steps_on_easy_vqa_stop_resume_evaluate_predict(tmp_path):
+    """The default dataset end to end: train (stopped by Ctrl-C half way), resume, evaluate, predict."""
+    from dualhead.config import load_config
+    from tests.conftest import tiny_model_config
+
+    config = load_config("easy_vqa", ["train.max_steps=240", "train.checkpoint_every_steps=40", "train.progress=false",
+                                      "train.frozen_warmup_epochs=0", f"output_dir={tmp_path}", "name=easy"])
+    config.model = tiny_model_config()
+    config.data.batch_size = 32
+    trainer = Trainer(config, tmp_path / "easy")
+    optimizer_step = trainer._optimizer_step
+
+    def interrupted():
+        optimizer_step()
+        if trainer.state["step"] == 120:
+            raise KeyboardInterrupt
+
+    trainer._optimizer_step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    # interrupted at step 120, before its checkpoint: the last one is from step 80
+    assert torch.load(tmp_path / "easy" / "last" / "trainer_state.pt", weights_only=True)["progress"]["step"] == 80
+    _cli("train", "--resume", str(tmp_path / "easy"))
+    run = tmp_path / "easy"
+    assert torch.load(run / "last" / "trainer_state.pt", weights_only=True)["progress"]["step"] == 240
+    for name in ARTEFACTS:
+        assert (run / name).is_file(), f"missing {name}"
+    results = json.loads((run / "test_metrics.json").read_text())
+    assert results["test"]["count"] == 9673 and results["test"]["accuracy"] > 0.5  # yes/no alone is 74%
+    output = _cli("evaluate", str(run), "--split", "val")
+    assert "| accuracy |" in output
+    image = next(r.image for r in trainer.splits.test)
+    output = _cli("predict", str(run), "--image", str(image), "--question", "What shape is in the image?")
+    assert "head: open" in output or "head: binary" in output
