@@ -176,7 +176,7 @@ class Trainer:
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
         if balancer_params:
             param_groups.append({"params": balancer_params, "lr": self.balancer.lr, "weight_decay": 0.0})
-        # The fused kernel is ~9x faster than the default on CPU (27M parameters: 0.03 s vs 0.29 s a step).
+        # The fused kernel is far faster than the default for-each kernel on CPU (a large share of a step).
         return torch.optim.AdamW(param_groups, fused=self.device.type in ("cpu", "cuda"))
 
     def _loader(self, records: list[VQARecord], sampler: GroupedBatchSampler, augment: bool = False) -> DataLoader:
