@@ -198,7 +198,7 @@ class Trainer:
             recover_interrupted(run_dir / name)
         trainer = cls(load_config(config_path), run_dir)
         state = load_trainer_state(run_dir / "last")
-        trainer.model.load_state_dict(DualHeadVQA.from_pretrained(run_dir / "last").state_dict())
+        trainer.model.load_weights(run_dir / "last", trainer.device)
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.balancer.load_state_dict(state["balancer"])
@@ -358,7 +358,7 @@ class Trainer:
         chosen = self.run_dir / ("best" if (self.run_dir / "best").exists() else "last")
         if not chosen.exists():
             self._save("last")
-        self.model.load_state_dict(DualHeadVQA.from_pretrained(chosen).state_dict())
+        self.model.load_weights(chosen, self.device)
         results: dict[str, Any] = {"checkpoint": str(chosen)}
         tables = []
         for split in ("val", "test"):

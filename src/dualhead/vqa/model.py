@@ -178,8 +178,12 @@ class DualHeadVQA(nn.Module):
         config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, weights="none"))
         vocab = AnswerVocab.from_json(json.loads((directory / ANSWERS_FILE).read_text()))
         model = cls(config, vocab)
-        model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=str(map_location)))
+        model.load_weights(directory, map_location)
         return model.to(map_location)
+
+    def load_weights(self, directory: str | Path, map_location: str | torch.device = "cpu") -> None:
+        """Load the weights of a saved model of the same configuration into this one."""
+        self.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE), device=str(map_location)))
 
 
 def decode_answers(probs: HeadProbabilities, vocab: AnswerVocab, to_binary: Tensor, top_k: int = 5) -> list[Answer]:
