@@ -1,4 +1,4 @@
-"""The `dualhead` command line: train, evaluate, predict, params, data summary, plot."""
+"""The `dualhead` command line: train, evaluate, predict, params, ablate, compare, data summary, plot."""
 
 from __future__ import annotations
 
@@ -166,6 +166,49 @@ def params(args: tuple[str, ...], vision: str | None, text: str | None, answers:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
     click.echo(format_parameter_table(model))
+
+
+def _study_command(study: str, help_text: str, default_seeds: int):
+    """`dualhead ablate` / `dualhead compare`: the same options, a different list of variants."""
+
+    @main.command(study_commands[study], help=help_text, context_settings={"ignore_unknown_options": True})
+    @click.argument("args", nargs=-1)
+    @click.option("--seeds", default=default_seeds, show_default=True, help="Seeds 0..N-1 for every configuration.")
+    @click.option("--out", type=click.Path(file_okay=False), help="Study directory (default: <output_dir>/<study>-<format>).")
+    @click.option("--only", multiple=True, help="Run only these configurations (repeatable), by name.")
+    @click.option("--latency/--no-latency", default=study == "comparison", show_default=True,
+                  help="Also time single-question inference of each trained model.")
+    def command(args: tuple[str, ...], seeds: int, out: str | None, only: tuple[str, ...], latency: bool) -> None:
+        from dualhead.train.studies import format_report, run_study
+        from dualhead.train.trainer import TrainingDiverged
+
+        try:
+            config = _load(args)
+            out_dir = Path(out) if out else Path(config.output_dir) / f"{study}-{config.data.format}"
+            report = run_study(study, config, list(range(seeds)), out_dir, only, measure_latency_too=latency)
+        except (ConfigError, ValueError, FileNotFoundError, TrainingDiverged) as err:
+            _fail(str(err))
+        click.echo(format_report(report))
+        click.echo(f"\nwritten: {out_dir / study}.md, .json, .png (runs under {out_dir})")
+
+    return command
+
+
+study_commands = {"ablation": "ablate", "comparison": "compare"}
+ablate = _study_command(
+    "ablation",
+    "The reference ablation: full model, separate models, no attention fusion, frozen encoders, single head.\n\n"
+    "`dualhead ablate [config.yaml | bundled name] [key=value ...] --seeds 3`: the same data, budget and seeds for each; "
+    "finished runs are read back, interrupted ones resume.",
+    default_seeds=3,
+)
+compare = _study_command(
+    "comparison",
+    "The reference comparison: default encoders, MobileNetV3-Small + DistilBERT, ResNet-50 + BERT-base, ViT + BERT-base, "
+    "separate models, single head; parameters, accuracy, time per epoch, inference latency.\n\n"
+    "Encoders without offline weights here start from random initialisation (the table says which).",
+    default_seeds=1,
+)
 
 
 @main.group()

@@ -81,6 +81,9 @@ class DataConfig:
     min_answer_count: int = 1
     max_answers: int | None = None
     skip_invalid: bool = False
+    # Keep only these tasks' questions (binary, open) in every split: a single-task model, as in
+    # the 'Separate models' ablation. None keeps all.
+    tasks: list[str] | None = None
     # Decode every distinct image while loading: a corrupt one is an error at once (or, with
     # skip_invalid, its records are skipped and counted) rather than a failure mid-training.
     verify_images: bool = False
@@ -122,6 +125,11 @@ class TrainConfig:
     # Train fusion and heads on cached features of the frozen encoders for this many epochs, then
     # fine-tune everything ("linear probing then fine-tuning", Kumar et al., ICLR 2022).
     frozen_warmup_epochs: int = 0
+    # After the warm-up, "continue" the one cosine schedule over all epochs (fine-tuning then runs
+    # at its tail), or "restart" it over the fine-tuning epochs, with new layers peaking at
+    # `finetune_lr` (default: `lr`) and the encoders at `encoder_lr`.
+    finetune_schedule: str = "continue"  # continue | restart
+    finetune_lr: float | None = None
     log_every_steps: int = 20
     # Every this many steps, log per-task gradient norms and their cosine at the fused features.
     diagnostics_every_steps: int | None = 50
@@ -166,18 +174,33 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides, checked against the tree."""
     merged = OmegaConf.structured(RunConfig)
+    if path is not None:
+        path = resolve_config_path(path)
+        merged = _merge(merged, [OmegaConf.load(path)], f" in {path}")
+    return _apply_overrides(merged, overrides, f" in {path}" if path is not None else "")
+
+
+def with_overrides(config: RunConfig, overrides: list[str] | tuple[str, ...]) -> RunConfig:
+    """A copy of `config` with ``key=value`` overrides applied, checked against the tree."""
+    return _apply_overrides(OmegaConf.structured(config), overrides)
+
+
+def _apply_overrides(merged: Any, overrides: list[str] | tuple[str, ...], where: str = "") -> RunConfig:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=20)")
+    if overrides:
+        merged = _merge(merged, [OmegaConf.from_dotlist(list(overrides))], where)
     try:
-        if path is not None:
-            path = resolve_config_path(path)
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=20)")
-        if overrides:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
-        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid configuration{where}: {err}") from err
+
+
+def _merge(base: Any, others: list[Any], where: str) -> Any:
+    try:
+        return OmegaConf.merge(base, *others)
+    except OmegaConfBaseException as err:
         raise ConfigError(f"invalid configuration{where}: {err}") from err
 
 

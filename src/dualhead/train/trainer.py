@@ -22,7 +22,6 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from dualhead.config import REFERENCE_TASK_WEIGHTS, RunConfig, load_config, save_config
 from dualhead.mtl.balancers import build_balancer
@@ -114,9 +113,7 @@ class Trainer:
         self.cache: EncoderFeatureCache | None = None
         self.train_loader: DataLoader | None = None
         self.total_steps = train_cfg.max_steps or self._steps_in_epochs(train_cfg.epochs)
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, int(train_cfg.warmup_fraction * self.total_steps), max(self.total_steps, 1)
-        )
+        self.scheduler = self._build_scheduler()
         self.state: dict[str, Any] = {"epoch": 0, "batches_done": 0, "step": 0, "best": None, "bad_epochs": 0, "stopped": False}
         self.writer: SummaryWriter | None = None
 
@@ -129,6 +126,22 @@ class Trainer:
                 schedule = None
             return {"schedule": schedule}
         return dict(self.config.train.balancer_options)
+
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        """Linear warm-up then cosine decay, once over the run or (`finetune_schedule=restart`)
+        once per stage: frozen warm-up, then fine-tuning."""
+        cfg = self.config.train
+        if cfg.finetune_schedule not in ("continue", "restart"):
+            raise ValueError(f"unknown train.finetune_schedule {cfg.finetune_schedule!r}; choose continue or restart")
+        boundary = 0
+        if cfg.finetune_schedule == "restart" and 0 < cfg.frozen_warmup_epochs < cfg.epochs and cfg.max_steps is None:
+            boundary = self._steps_in_epochs(cfg.frozen_warmup_epochs)
+        finetune_scale = (cfg.finetune_lr / cfg.lr) if cfg.finetune_lr is not None else 1.0
+        lambdas = []
+        for group in self.optimizer.param_groups:
+            scale = finetune_scale if group.get("role") == "new" else 1.0
+            lambdas.append(staged_cosine(boundary, max(self.total_steps, 1), cfg.warmup_fraction, scale))
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
 
     def _steps_in_epochs(self, epochs: int) -> int:
         """Optimiser steps in the first `epochs` epochs (the schedule's length)."""
@@ -164,18 +177,19 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW; pretrained encoders at `encoder_lr`, new layers at `lr`; no decay on biases and norms."""
         cfg = self.config.train
-        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+        groups: dict[tuple[str, float], list[torch.nn.Parameter]] = {}
         encoders = {id(p) for module in (self.model.vision, self.model.text) for p in module.parameters()}
         for param in self.model.parameters():
             if not param.requires_grad:
                 continue
-            lr = cfg.encoder_lr if id(param) in encoders else cfg.lr
+            role = "encoder" if id(param) in encoders else "new"
             decay = cfg.weight_decay if param.ndim > 1 else 0.0
-            groups.setdefault((lr, decay), []).append(param)
-        param_groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+            groups.setdefault((role, decay), []).append(param)
+        lrs = {"encoder": cfg.encoder_lr, "new": cfg.lr}
+        param_groups = [{"params": params, "lr": lrs[role], "weight_decay": decay, "role": role} for (role, decay), params in groups.items()]
         balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
         if balancer_params:
-            param_groups.append({"params": balancer_params, "lr": self.balancer.lr, "weight_decay": 0.0})
+            param_groups.append({"params": balancer_params, "lr": self.balancer.lr, "weight_decay": 0.0, "role": "balancer"})
         # The fused kernel is far faster than the default for-each kernel on CPU (a large share of a step).
         return torch.optim.AdamW(param_groups, fused=self.device.type in ("cpu", "cuda"))
 
@@ -402,6 +416,24 @@ def predict_probabilities(model: DualHeadVQA, loader: DataLoader, cache, device,
     finally:
         model.train(was_training)
     return Prediction(ordered, HeadProbabilities.concat(parts))
+
+
+def staged_cosine(boundary: int, total: int, warmup_fraction: float, second_stage_scale: float = 1.0):
+    """LR factor per step: linear warm-up and cosine decay over ``[0, total)``, or, with a `boundary`,
+    over ``[0, boundary)`` and again over ``[boundary, total)`` scaled by `second_stage_scale`."""
+    stages = [(0, boundary, 1.0), (boundary, total, second_stage_scale)] if boundary else [(0, total, 1.0)]
+
+    def factor(step: int) -> float:
+        start, end, scale = next((stage for stage in stages if step < stage[1]), stages[-1])
+        length = max(end - start, 1)
+        warmup = int(warmup_fraction * length)
+        local = step - start
+        if local < warmup:
+            return scale * local / max(warmup, 1)
+        progress = min((local - warmup) / max(length - warmup, 1), 1.0)
+        return scale * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def make_loader(

@@ -63,11 +63,14 @@ class HeadProbabilities:
         return HeadProbabilities(binary=mean("binary"), open=mean("open"), router=mean("router"))
 
 
-def route_to_binary(probs: HeadProbabilities) -> Tensor:
+def route_to_binary(probs: HeadProbabilities, vocab: AnswerVocab) -> Tensor:
     """Which rows the binary head answers: the router's call; without a router, the more confident
-    head; never, for a single-head model."""
+    head; never, for a single-head model; always, for a model with no open answers (trained on
+    yes/no questions only)."""
     if probs.binary is None:
         return torch.zeros(probs.open.shape[0], dtype=torch.bool)
+    if not vocab.open_answers:
+        return torch.ones(probs.open.shape[0], dtype=torch.bool)
     if probs.router is not None:
         return probs.router.argmax(-1) == 1
     return probs.binary.amax(-1) >= probs.open.amax(-1)
@@ -89,7 +92,7 @@ def _accuracy(correct: Sequence[bool]) -> float | None:
 def score(probs: HeadProbabilities, records: Sequence[VQARecord], vocab: AnswerVocab) -> tuple[dict, list[str]]:
     """All metrics for one split, and the routed prediction per record."""
     is_binary = torch.tensor([r.task == BINARY for r in records], dtype=torch.bool)
-    routed_binary = route_to_binary(probs)
+    routed_binary = route_to_binary(probs, vocab)
     routed = predict_answers(probs, vocab, routed_binary)
     oracle = predict_answers(probs, vocab, is_binary)
     truth = [r.answer for r in records]

@@ -151,7 +151,7 @@ class DualHeadVQA(nn.Module):
                 attention_mask=tokens["attention_mask"].to(self.device),
             )
             probs = HeadProbabilities.from_output(output)
-            return decode_answers(probs, self.vocab, route_to_binary(probs), top_k)
+            return decode_answers(probs, self.vocab, route_to_binary(probs, self.vocab), top_k)
         finally:
             self.train(was_training)
 

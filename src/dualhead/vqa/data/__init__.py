@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,23 @@ def load_splits(config: DataConfig, seed: int = 0) -> VQASplits:
                "skip_invalid": config.skip_invalid}  # fmt: skip
     root = Path(config.root) if config.root is not None else None
     splits = loader(root, **{name: value for name, value in options.items() if name in accepted})
+    if config.tasks is not None:
+        splits = keep_tasks(splits, config.tasks)
     return verify_images(splits, config.skip_invalid) if config.verify_images else splits
+
+
+def keep_tasks(splits: VQASplits, tasks: list[str]) -> VQASplits:
+    """The splits with only the questions of `tasks` (validation is carved before this, so it holds
+    the same questions of those tasks as an all-task run with the same seed)."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise ValueError(f"data.tasks={list(tasks)!r}: choose one or more of {', '.join(TASKS)}")
+    wanted = set(tasks)
+
+    def keep(records: list[VQARecord]) -> list[VQARecord]:
+        return [r for r in records if r.task in wanted]
+
+    return dataclasses.replace(splits, train=keep(splits.train), val=keep(splits.val), test=keep(splits.test))
 
 
 def verify_images(splits: VQASplits, skip_invalid: bool = False) -> VQASplits:
