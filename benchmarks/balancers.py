@@ -2,14 +2,16 @@
 batches), in representation and parameter mode; with --accuracy, VQA-RAD accuracy per method over seeds.
 
     python -m benchmarks.balancers [--steps 6] [--methods pcgrad upgrad ...]
-    python -m benchmarks.balancers --accuracy [--seeds 0 1 2] [--root ../shared/data/vqa_rad] [key=value ...]
+    python -m benchmarks.balancers --accuracy [--seeds 0 1 2] [--root ../shared/data/vqa_rad] [--out DIR] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -18,10 +20,11 @@ USAGE = "python -m benchmarks.balancers [--accuracy] [--methods ...] [key=value 
 if not __package__:
     sys.exit(f"run it from the repository root as: {USAGE}")
 
-from benchmarks.common import header, mean_std, train_once  # noqa: E402
+from benchmarks.common import header, mean_std  # noqa: E402
 from dualhead.config import load_config  # noqa: E402
 from dualhead.mtl.balancers import BALANCERS, build_balancer  # noqa: E402
 from dualhead.train.features import model_inputs  # noqa: E402
+from dualhead.train.studies import train_or_resume  # noqa: E402
 from dualhead.train.trainer import Trainer  # noqa: E402
 
 ACCURACY_METHODS = ["fixed", "uw", "dwa", "gradnorm", "pcgrad", "cagrad", "nash_mtl", "famo"]
@@ -66,6 +69,26 @@ def step_times(methods: list[str], steps: int, overrides: list[str]) -> dict[tup
     return times
 
 
+def accuracy_table(methods: list[str], seeds: list[int], root: str, out: str, overrides: list[str]) -> None:
+    """Train on VQA-RAD with each method and seed (finished runs are read back, interrupted ones
+    resume); print test accuracy, mean ± std over seeds."""
+    rows = []
+    for name in methods:
+        results = []
+        for seed in seeds:
+            config = load_config("vqa_rad", [f"data.root={root}", f"train.seed={seed}", f"train.balancer={name}", "train.progress=false", *overrides])
+            results.append(train_or_resume(config, Path(out) / f"{name}-seed{seed}"))
+            print(json.dumps({"method": name, "seed": seed, "accuracy": results[-1]["test"]["accuracy"]}), flush=True)
+        rows.append((name, results))
+    print(header(f"python -m benchmarks.balancers {' '.join(sys.argv[1:])}"))
+    print("| method | overall | yes/no | open-ended | minutes per run |\n| --- | ---: | ---: | ---: | ---: |")
+    for name, results in rows:
+        tests = [r["test"] for r in results]
+        minutes = sum(r["wall_seconds"] for r in results) / len(results) / 60
+        print(f"| {name} | {mean_std([t['accuracy'] for t in tests])} | {mean_std([t['binary_accuracy'] for t in tests])} "
+              f"| {mean_std([t['open_accuracy'] for t in tests])} | {minutes:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--accuracy", action="store_true", help="train on VQA-RAD with each method instead of timing steps")
@@ -73,20 +96,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per method")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--root", default="../shared/data/vqa_rad")
+    parser.add_argument("--out", default="runs/bench/balancers", help="where --accuracy keeps its runs")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
     if args.accuracy:
-        methods = args.methods or ACCURACY_METHODS
-        rows = []
-        for name in methods:
-            tests = [train_once("vqa_rad", [f"data.root={args.root}", f"train.seed={seed}", f"train.balancer={name}", *args.overrides],
-                                f"runs/bench/balancers/{name}-seed{seed}")[0]["test"] for seed in args.seeds]
-            rows.append((name, tests))
-        print(header(f"python -m benchmarks.balancers {' '.join(sys.argv[1:])}"))
-        print("| method | overall | yes/no | open-ended |\n| --- | ---: | ---: | ---: |")
-        for name, tests in rows:
-            print(f"| {name} | {mean_std([t['accuracy'] for t in tests])} | {mean_std([t['binary_accuracy'] for t in tests])} "
-                  f"| {mean_std([t['open_accuracy'] for t in tests])} |")
+        accuracy_table(args.methods or ACCURACY_METHODS, args.seeds, args.root, args.out, args.overrides)
         return
     methods = args.methods or sorted(BALANCERS)
     if "fixed" not in methods:

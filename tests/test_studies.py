@@ -97,7 +97,7 @@ def test_ablate_runs_all_five_rows_end_to_end_and_resumes_without_retraining(sha
         return real_fit(self)
 
     monkeypatch.setattr(Trainer, "fit", counting_fit)
-    result = CliRunner().invoke(main, ["ablate", str(config_file), "--seeds", "2", "--out", str(out), "--latency"])
+    result = CliRunner().invoke(main, ["ablate", str(config_file), "--seeds", "2", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert len(fits) == 12  # 5 configurations x 2 seeds, separate models train two runs each
 

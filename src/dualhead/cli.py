@@ -176,16 +176,14 @@ def _study_command(study: str, help_text: str, default_seeds: int):
     @click.option("--seeds", default=default_seeds, show_default=True, help="Seeds 0..N-1 for every configuration.")
     @click.option("--out", type=click.Path(file_okay=False), help="Study directory (default: <output_dir>/<study>-<format>).")
     @click.option("--only", multiple=True, help="Run only these configurations (repeatable), by name.")
-    @click.option("--latency/--no-latency", default=study == "comparison", show_default=True,
-                  help="Also time single-question inference of each trained model.")
-    def command(args: tuple[str, ...], seeds: int, out: str | None, only: tuple[str, ...], latency: bool) -> None:
+    def command(args: tuple[str, ...], seeds: int, out: str | None, only: tuple[str, ...]) -> None:
         from dualhead.train.studies import format_report, run_study
         from dualhead.train.trainer import TrainingDiverged
 
         try:
             config = _load(args)
             out_dir = Path(out) if out else Path(config.output_dir) / f"{study}-{config.data.format}"
-            report = run_study(study, config, list(range(seeds)), out_dir, only, measure_latency_too=latency)
+            report = run_study(study, config, list(range(seeds)), out_dir, only)
         except (ConfigError, ValueError, FileNotFoundError, TrainingDiverged) as err:
             _fail(str(err))
         click.echo(format_report(report))

@@ -7,8 +7,9 @@ base config; each (variant, seed) trains in ``out/<variant>/seed<k>/``. A finish
 a study that dies continues where it stopped. Variants with the same name share their runs: an
 ablation and a comparison written to one directory train the full model once.
 
-Accuracy columns use the true question type to pick the head ("oracle" routing): separate models
-have no router, so this is the only routing all rows share. Routed accuracy is reported beside it.
+Accuracy columns use the true question type to pick the head ("oracle" routing): each separate
+model knows one task only, so this is the only routing all rows share. Routed accuracy (the
+model's own router decides) is reported beside it.
 """
 
 from __future__ import annotations
@@ -187,9 +188,9 @@ def combine_task_models(binary: dict[str, Any], open_: dict[str, Any]) -> dict[s
     }
 
 
-def run_variant(base: RunConfig, variant: Variant, seed: int, run_dir: Path, measure_latency_too: bool) -> dict[str, Any]:
-    """Train (or read back) one variant at one seed; accuracy, parameters and timings."""
-    measure = inference_latency if measure_latency_too else None
+def run_variant(base: RunConfig, variant: Variant, seed: int, run_dir: Path) -> dict[str, Any]:
+    """Train (or read back) one variant at one seed; accuracy, parameters, timings, latency."""
+    measure = inference_latency
     config = with_overrides(base, [*variant.overrides, f"train.seed={seed}"])
     if not variant.separate_tasks:
         result = train_or_resume(config, run_dir, measure)
@@ -207,7 +208,6 @@ def run_study(
     seeds: Sequence[int],
     out_dir: Path,
     only: Sequence[str] = (),
-    measure_latency_too: bool = False,
 ) -> dict[str, Any]:
     """Train every variant of `study` at every seed (skipping finished runs); write the report."""
     variants = [v for v in STUDIES[study] if not only or v.name in only]
@@ -220,7 +220,7 @@ def run_study(
         runs = []
         for seed in seeds:
             log.info("%s: %s, seed %d", study, variant.name, seed)
-            runs.append(run_variant(base, variant, seed, out_dir / variant.name / f"seed{seed}", measure_latency_too))
+            runs.append(run_variant(base, variant, seed, out_dir / variant.name / f"seed{seed}"))
         rows.append(summarise(variant, base, runs))
     report = {"study": study, "seeds": list(seeds), "dataset": base.data.format, "device": _device_name(), "rows": rows}
     write_report(report, out_dir)
@@ -305,6 +305,8 @@ def format_report(report: dict[str, Any]) -> str:
         acc = row["accuracy"]
         ref = row["reference"]
         reference = f"{ref['overall']:.0f} / {ref['binary']:.0f} / {ref['open']:.0f}" if ref else ""
+        if ref and "parameters" in ref:
+            reference += f" ({ref['parameters'] / 1e6:.0f}M, {ref['hours']:g} h)"
         lines.append(
             f"| {row['label']} | {_percent(acc['overall'])} | {_percent(acc['binary'])} | {_percent(acc['open'])} | "
             f"{_percent(acc['routed_overall'])} | {row['parameters'] / 1e6:.1f}M | {_number(row['wall_minutes'], '.1f')} | "
@@ -313,8 +315,8 @@ def format_report(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Accuracy in percent, mean ± std over seeds; the true question type picks the head (separate models have no "
-        "router), routed overall lets the model's router pick. Minutes per run: wall time of training and evaluation "
+        "Accuracy in percent, mean ± std over seeds; the true question type picks the head (each separate model knows "
+        "one task), routed overall lets the model's router pick. Minutes per run: wall time of training and evaluation "
         "(separate models: both runs). Latency: median of single questions from image file to answer.",
     ]
     return "\n".join(lines)
