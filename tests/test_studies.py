@@ -109,7 +109,7 @@ def test_ablate_runs_all_five_rows_end_to_end_and_resumes_without_retraining(sha
             assert 0.0 <= stat["mean"] <= 1.0 and stat["std"] >= 0.0
         assert row["parameters"] > 0 and row["wall_minutes"] > 0 and row["latency_ms"] > 0 and len(row["per_seed"]) == 2
     rows = {row["name"]: row for row in report["rows"]}
-    assert rows["separate"]["accuracy"]["routed_overall"]["mean"] is None  # no router: oracle routing only
+    assert rows["separate"]["accuracy"]["routed_overall"]["mean"] is None  # a pair of single-task models: oracle routing only
     assert rows["separate"]["parameters"] > rows["full"]["parameters"]
     assert rows["frozen_encoders"]["finetune_epoch_seconds"] is None and rows["full"]["finetune_epoch_seconds"] > 0
     table = (out / "ablation.md").read_text()
