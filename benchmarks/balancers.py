@@ -1,5 +1,5 @@
 """Balancers: training-step time of each method as a ratio to fixed weights (one run, same model and
-batches), in representation and parameter mode; with --accuracy, VQA-RAD accuracy per method over seeds.
+batches), gradient methods at the shared parameters; with --accuracy, VQA-RAD accuracy per method over seeds.
 
     python -m benchmarks.balancers [--steps 6] [--methods pcgrad upgrad ...]
     python -m benchmarks.balancers --accuracy [--seeds 0 1 2] [--root ../shared/data/vqa_rad] [--out DIR] [key=value ...]
@@ -13,59 +13,43 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 USAGE = "python -m benchmarks.balancers [--accuracy] [--methods ...] [key=value ...]"
 
 if not __package__:
     sys.exit(f"run it from the repository root as: {USAGE}")
 
 from benchmarks.common import header, mean_std  # noqa: E402
-from dualhead.config import load_config  # noqa: E402
-from dualhead.mtl.balancers import BALANCERS, build_balancer  # noqa: E402
-from dualhead.train.features import model_inputs  # noqa: E402
-from dualhead.train.studies import train_or_resume  # noqa: E402
-from dualhead.train.trainer import Trainer  # noqa: E402
+from dualhead.core.config import load_config, with_overrides  # noqa: E402
+from dualhead.core.trainer import Trainer, build_experiment  # noqa: E402
+from dualhead.mtl.balancers import BALANCERS  # noqa: E402
+from dualhead.vqa.studies import train_or_resume  # noqa: E402
 
 ACCURACY_METHODS = ["fixed", "uw", "dwa", "gradnorm", "pcgrad", "cagrad", "nash_mtl", "famo"]
 
 
-def variants(name: str, tasks: list[str]) -> list[tuple[str, dict]]:
-    """The modes a method takes: representation and parameters for Jacobian methods, else its own."""
-    try:
-        build_balancer(name, tasks, mode="representation")
-    except ValueError:  # no `mode` option: loss weighting, or a single fixed mode (DB-MTL)
-        return [("default", {})]
-    return [("representation", {"mode": "representation"}), ("parameters", {"mode": "parameters"})]
-
-
-def step_times(methods: list[str], steps: int, overrides: list[str]) -> dict[tuple[str, str], float]:
-    """Median seconds of one training step (forward, balancer backward, optimiser) per method and mode."""
-    config = load_config("easy_vqa", ["train.progress=false", "model.text.freeze=false", *overrides])
-    trainer = Trainer(config, "runs/bench/balancer-speed")
-    trainer._enter_stage(config.train.frozen_warmup_epochs)  # the fine-tuning stage: every encoder trains
-    batches = [batch.to(trainer.device) for _, batch in zip(range(steps + 1), trainer.train_loader, strict=False)]
-    shared = trainer._shared_params()
-    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+def step_times(methods: list[str], steps: int, overrides: list[str]) -> dict[str, float]:
+    """Median seconds of one `Trainer.train_step` (forward, balancer backward, optimiser step) per
+    method, in the fine-tuning stage (every encoder trains), on the same batches from the same weights.
+    Gradient methods act at the shared parameters: VQA's partial labels leave nothing to act on at the
+    fused features (the Trainer refuses that mode)."""
+    config = load_config("easy_vqa", ["train.progress=false", "model.text.freeze=false",
+                                      "train.diagnostics_every_steps=null", *overrides])
+    experiment = build_experiment(config)
+    initial = {k: v.clone() for k, v in experiment.model.state_dict().items()}
+    experiment.on_epoch_start(config.train.frozen_warmup_epochs)
+    batches = [batch for _, batch in zip(range(steps + 1), experiment.train_loader(), strict=False)]
     times = {}
     for name in methods:
-        for mode, options in variants(name, trainer.objective.tasks):
-            trainer.model.load_state_dict(initial)
-            balancer = build_balancer(name, trainer.objective.tasks, **options).to(trainer.device)
-            optimizer = torch.optim.AdamW([p for p in trainer.model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-            durations = []
-            for index, batch in enumerate(batches):
-                started = time.perf_counter()
-                with trainer._autocast():
-                    output = trainer.model(**model_inputs(batch, trainer.cache))
-                    losses, router = trainer.objective(output, batch)
-                balancer.backward(losses, shared_params=shared, shared_features=output.fused, extra_loss=0.1 * router, step=index)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if index:  # the first step warms caches up
-                    durations.append(time.perf_counter() - started)
-            times[name, mode] = sorted(durations)[len(durations) // 2]
-            print(f"{name:<12} {mode:<15} {times[name, mode]:.3f} s", flush=True)
+        experiment.model.load_state_dict(initial)
+        trainer = Trainer(with_overrides(config, [f"train.balancer={name}"]), "runs/bench/balancer-speed", experiment)
+        durations = []
+        for index, batch in enumerate(batches):
+            started = time.perf_counter()
+            trainer.train_step(batch)
+            if index:  # the first step warms caches up
+                durations.append(time.perf_counter() - started)
+        times[name] = sorted(durations)[len(durations) // 2]
+        print(f"{name:<12} {times[name]:.3f} s", flush=True)
     return times
 
 
@@ -106,12 +90,12 @@ def main() -> None:
     if "fixed" not in methods:
         methods = ["fixed", *methods]
     times = step_times(methods, args.steps, args.overrides)
-    base = times["fixed", "default"]
+    base = times["fixed"]
     print(header(f"python -m benchmarks.balancers {' '.join(sys.argv[1:])}"))
     print(f"Fixed weights: {base:.3f} s per step (median of {args.steps}).\n")
-    print("| method | mode | step time / fixed |\n| --- | --- | ---: |")
-    for (name, mode), seconds in times.items():
-        print(f"| {name} | {mode} | {seconds / base:.2f}x |")
+    print("| method | step time / fixed |\n| --- | ---: |")
+    for name, seconds in times.items():
+        print(f"| {name} | {seconds / base:.2f}x |")
 
 
 if __name__ == "__main__":

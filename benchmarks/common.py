@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from dualhead.config import load_config
-from dualhead.train.trainer import Trainer
+from dualhead.core.config import load_config
+from dualhead.core.trainer import Trainer
 
 
 def machine() -> str:

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from dualhead.config import DataConfig
+from dualhead.vqa.config import DataConfig
 from dualhead.vqa.data import AnswerVocab, ImageStore, load_splits
 from dualhead.vqa.data.batching import IGNORE, GroupedBatchSampler, VQACollator
 from dualhead.vqa.model import DualHeadVQA

@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from dualhead.cli import main
-from dualhead.config import ConfigError, RunConfig, bundled_configs, load_config
+from dualhead.core.config import ConfigError, bundled_configs, load_config
+from dualhead.vqa.config import VQARunConfig
 
 
 def _run(*args: str):
@@ -32,7 +33,7 @@ def test_config_errors_name_what_is_wrong(tmp_path):
     bad.write_text("train:\n  epochs: many\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml"):
         load_config(bad)
-    assert load_config(None) == RunConfig()
+    assert load_config(None) == VQARunConfig()
 
 
 def test_params_reports_the_reference_design_at_about_68m_with_over_95_percent_shared():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dualhead.config import DataConfig
+from dualhead.vqa.config import DataConfig
 from dualhead.vqa.data import (
     FORMATS,
     AnswerVocab,

@@ -13,13 +13,10 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import DistilBertConfig, DistilBertModel
 
-from dualhead.config import TextConfig, VisionConfig
-from dualhead.vqa.encoders import (
-    build_text_encoder,
-    build_vision_encoder,
-    freeze_module,
-    load_offline_efficientnet_lite0,
-)
+from dualhead.backbones.config import TextConfig, VisionConfig
+from dualhead.backbones.freeze import freeze_module
+from dualhead.backbones.text import build_text_encoder
+from dualhead.backbones.vision import build_vision_encoder, load_offline_efficientnet_lite0
 
 TINY_TEXT = TextConfig(name="distilbert", num_layers=2, hidden_size=64)
 QUESTIONS = ["what color is the shape?", "is there a blue circle in the bottom left of the image?"]

@@ -9,11 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from dualhead.cli import main
-from dualhead.config import ConfigError, load_config, save_config, with_overrides
-from dualhead.train import studies
-from dualhead.train.studies import ABLATION, COMPARISON, combine_task_models, encoder_weights, head_accuracies
-from dualhead.train.trainer import Trainer, staged_cosine
+from dualhead.core.config import ConfigError, load_config, save_config, with_overrides
+from dualhead.core.trainer import Trainer, staged_cosine
+from dualhead.vqa import studies
 from dualhead.vqa.data import load_splits
+from dualhead.vqa.studies import ABLATION, COMPARISON, combine_task_models, encoder_weights, head_accuracies
 
 from .conftest import tiny_run_config
 
@@ -53,7 +53,7 @@ def test_restart_schedule_runs_new_layers_at_finetune_lr_after_the_warm_up(shape
     steps_per_epoch = trainer._steps_in_epochs(1)
     groups = trainer.optimizer.param_groups
     lr_at = {g["role"]: g["initial_lr"] * factor(steps_per_epoch) for g, factor in zip(groups, trainer.scheduler.lr_lambdas, strict=True)}
-    assert lr_at["new"] == pytest.approx(1e-4) and lr_at["encoder"] == pytest.approx(1e-3)
+    assert lr_at["new"] == pytest.approx(1e-4) and lr_at["pretrained"] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="finetune_schedule"):
         Trainer(with_overrides(config, ["train.finetune_schedule=sometimes"]), tmp_path / "bad")
 

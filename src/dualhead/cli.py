@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from dualhead.config import DEFAULT_CONFIG, ConfigError, DataConfig, RunConfig, load_config
+from dualhead.core.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config
 
 PREDICT_CHUNK = 64  # questions answered per forward pass by `predict --input`
 
@@ -42,7 +42,7 @@ def main(verbose: bool) -> None:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue a stopped run from its last checkpoint.")
 def train(args: tuple[str, ...], resume_dir: str | None) -> None:
     """Train a model: `dualhead train [config.yaml | bundled name] [key=value ...]` (default: easy_vqa)."""
-    from dualhead.train.trainer import Trainer, TrainingDiverged, new_run_dir
+    from dualhead.core.trainer import Trainer, TrainingDiverged, new_run_dir
 
     try:
         if resume_dir:
@@ -72,7 +72,8 @@ def train(args: tuple[str, ...], resume_dir: str | None) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
 def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str | None, root: str | None, device: str, json_path: str | None) -> None:
     """Accuracy of a run or checkpoint (or an ensemble) on a split: overall, per head, per answer type, routing."""
-    from dualhead.train.evaluate import evaluate_checkpoints
+    from dualhead.vqa.config import DataConfig
+    from dualhead.vqa.evaluate import evaluate_checkpoints
     from dualhead.vqa.metrics import format_metrics_table
 
     data = DataConfig(format=data_format, root=root) if data_format else None
@@ -95,7 +96,7 @@ def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str |
 @click.option("--top-k", default=5, show_default=True)
 def predict(checkpoint: str, image: str | None, question: str | None, input_path: str | None, top_k: int) -> None:
     """Answer questions with a trained model: one (--image, --question) or many (--input file.jsonl)."""
-    from dualhead.train.evaluate import resolve_checkpoint
+    from dualhead.vqa.evaluate import resolve_checkpoint
     from dualhead.vqa.model import DualHeadVQA
 
     if input_path:
@@ -177,8 +178,8 @@ def _study_command(study: str, help_text: str, default_seeds: int):
     @click.option("--out", type=click.Path(file_okay=False), help="Study directory (default: <output_dir>/<study>-<format>).")
     @click.option("--only", multiple=True, help="Run only these configurations (repeatable), by name.")
     def command(args: tuple[str, ...], seeds: int, out: str | None, only: tuple[str, ...]) -> None:
-        from dualhead.train.studies import format_report, run_study
-        from dualhead.train.trainer import TrainingDiverged
+        from dualhead.core.trainer import TrainingDiverged
+        from dualhead.vqa.studies import format_report, run_study
 
         try:
             config = _load(args)
@@ -223,6 +224,7 @@ def data() -> None:
 @click.option("--min-answer-count", default=1, show_default=True)
 def data_summary(data_format: str, root: str | None, lang: str, check_images: bool, skip_invalid: bool, min_answer_count: int) -> None:
     """Counts per split, task and answer type; vocabulary coverage; rejected records."""
+    from dualhead.vqa.config import DataConfig
     from dualhead.vqa.data import AnswerVocab, DataError, load_splits
     from dualhead.vqa.data.summary import format_summary, summarize
 
@@ -239,9 +241,17 @@ def data_summary(data_format: str, root: str | None, lang: str, check_images: bo
 @click.argument("run", type=click.Path(exists=True, file_okay=False))
 def plot(run: str) -> None:
     """(Re)draw a run's plots as PNG: loss and accuracy curves, binary confusion matrix."""
-    from dualhead.train.plots import plot_run
+    from dualhead.core.applications import get_application
+    from dualhead.core.plots import plot_run
 
-    for path in plot_run(Path(run)):
+    run_dir = Path(run)
+    written = plot_run(run_dir)
+    results = run_dir / "test_metrics.json"
+    if results.is_file() and (run_dir / "config.yaml").is_file():
+        plot_results = get_application(load_config(run_dir / "config.yaml").application).plot_results
+        if plot_results is not None:
+            written += plot_results(run_dir, json.loads(results.read_text()))
+    for path in written:
         click.echo(str(path))
 
 

@@ -1,9 +1,13 @@
-"""Gradient conflict between tasks at the shared representation, and a plot of it over training."""
+"""Gradient conflict between tasks at the shared parameters, and a plot of it over training.
+
+Conflict is measured where the tasks share: the parameters every task's loss flows through. At a
+per-sample representation it can be structurally absent (with partial labels, each sample's row
+carries one task's gradient, so the tasks' gradients there are orthogonal by construction).
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from itertools import combinations
 from pathlib import Path
 
@@ -12,22 +16,24 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from dualhead.mtl.balancers.base import full_precision
-from dualhead.mtl.balancers.jacobian import check_features, feature_jacobian
+from dualhead.mtl.balancers.jacobian import params_jacobian
 
 NORM_PREFIX = "grad_norm/"
 COSINE_PREFIX = "cosine/"
 
 
-def gradient_conflict(losses: Mapping[str, Tensor], features: Tensor) -> dict[str, float]:
-    """Per-task gradient norms at `features` and their pairwise cosine similarities.
+def gradient_conflict(losses: Mapping[str, Tensor], params: Sequence[Tensor]) -> dict[str, float]:
+    """Per-task gradient norms at the shared parameters `params` and their pairwise cosines.
 
     Keys: ``"grad_norm/<task>"`` and ``"cosine/<a>~<b>"`` (pairs in the order of `losses`). The graph
     is kept, so the training step's backward can follow. A zero gradient has cosine 0 with all.
     """
     names = list(losses)
-    check_features(features, "gradient_conflict")
-    with full_precision(features):
-        jacobian = feature_jacobian([losses[name] for name in names], features)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("gradient_conflict needs trainable shared parameters; every shared parameter is frozen")
+    with full_precision(params[0]):
+        jacobian = params_jacobian([losses[name] for name in names], params, parallel_chunk_size=1)
         norms = jacobian.norm(dim=1)
         units = torch.nn.functional.normalize(jacobian, dim=1)
         cosines = units @ units.T
@@ -37,38 +43,29 @@ def gradient_conflict(losses: Mapping[str, Tensor], features: Tensor) -> dict[st
     return result
 
 
-def _read_series(jsonl_path: Path) -> dict[str, tuple[list[int], list[float]]]:
+def _series(rows: Sequence[Mapping]) -> dict[str, tuple[list[int], list[float]]]:
     series: dict[str, tuple[list[int], list[float]]] = {}
-    with jsonl_path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{jsonl_path}, line {number}: not JSON ({error.msg})") from None
-            if not isinstance(row, dict) or "step" not in row:
-                continue
-            for key, value in row.items():
-                if key.startswith((NORM_PREFIX, COSINE_PREFIX)) and isinstance(value, int | float):
-                    steps, values = series.setdefault(key, ([], []))
-                    steps.append(int(row["step"]))
-                    values.append(float(value))
+    for row in rows:
+        if "step" not in row:
+            continue
+        for key, value in row.items():
+            if key.startswith((NORM_PREFIX, COSINE_PREFIX)) and isinstance(value, int | float):
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(int(row["step"]))
+                values.append(float(value))
     return series
 
 
-def plot_diagnostics(jsonl_path: str | Path, png_path: str | Path) -> Path:
-    """Draw gradient norms (log scale) and cosines over training steps from a metrics JSONL.
+def plot_diagnostics(rows: Sequence[Mapping], png_path: str | Path) -> Path:
+    """Draw gradient norms (log scale) and cosines over training steps from metrics rows.
 
     Rows need ``"step"``; the ``grad_norm/*`` and ``cosine/*`` keys of `gradient_conflict` are drawn,
     other keys and rows without a step are ignored. Returns the PNG's path.
     """
-    jsonl_path, png_path = Path(jsonl_path), Path(png_path)
-    if not jsonl_path.is_file():
-        raise ValueError(f"metrics file not found: {jsonl_path}")
-    series = _read_series(jsonl_path)
+    png_path = Path(png_path)
+    series = _series(rows)
     if not series:
-        raise ValueError(f"{jsonl_path}: no rows with 'step' and {NORM_PREFIX}* or {COSINE_PREFIX}* keys")
+        raise ValueError(f"no rows with 'step' and {NORM_PREFIX}* or {COSINE_PREFIX}* keys to plot")
     figure = Figure(figsize=(8, 6), layout="constrained")
     norm_axes, cosine_axes = figure.subplots(2, 1, sharex=True)
     for key, (steps, values) in sorted(series.items()):
@@ -76,7 +73,7 @@ def plot_diagnostics(jsonl_path: str | Path, png_path: str | Path) -> Path:
             norm_axes.plot(steps, values, label=key.removeprefix(NORM_PREFIX))
         else:
             cosine_axes.plot(steps, values, label=key.removeprefix(COSINE_PREFIX))
-    norm_axes.set_ylabel("gradient norm at shared features")
+    norm_axes.set_ylabel("gradient norm at shared parameters")
     norms = [v for key, (_, values) in series.items() if key.startswith(NORM_PREFIX) for v in values]
     if norms and min(norms) > 0:
         norm_axes.set_yscale("log")

@@ -17,11 +17,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from dualhead.config import ModelConfig, config_from_dict, config_to_dict
+from dualhead.backbones.freeze import freeze_module
+from dualhead.backbones.text import build_text_encoder
+from dualhead.backbones.vision import build_vision_encoder
+from dualhead.core.config import config_from_dict, config_to_dict
+from dualhead.core.model import MultiTaskModel
+from dualhead.vqa.config import ModelConfig
 from dualhead.vqa.data.answers import AnswerVocab
 from dualhead.vqa.data.images import ImagePreprocessor, load_rgb
 from dualhead.vqa.data.records import BINARY, OPEN, YES_NO
-from dualhead.vqa.encoders import build_text_encoder, build_vision_encoder, freeze_module
 from dualhead.vqa.fusion import build_fusion
 from dualhead.vqa.heads import binary_head, open_head, router_head
 from dualhead.vqa.metrics import HeadProbabilities, route_to_binary
@@ -29,7 +33,8 @@ from dualhead.vqa.metrics import HeadProbabilities, route_to_binary
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ANSWERS_FILE = "answers.json"
-SINGLE = "single"
+SINGLE = "single"  # the head name of a single-head model's answers
+SINGLE_TASK = "answer"  # its task name
 
 
 @dataclass
@@ -46,6 +51,17 @@ class DualHeadOutput:
     attention: Tensor | None  # [B, 2, 2] fusion attention weights (attention fusion only)
     fused: Tensor  # [B, d] the last shared representation
 
+    @property
+    def predictions(self) -> dict[str, Tensor]:
+        """Logits per task (the core's `MultiTaskOutput` view)."""
+        if self.binary_logits is None:
+            return {SINGLE_TASK: self.open_logits}
+        return {BINARY: self.binary_logits, OPEN: self.open_logits}
+
+    @property
+    def shared(self) -> dict[str, Tensor]:
+        return {"fused": self.fused}
+
 
 @dataclass
 class Answer:
@@ -57,8 +73,13 @@ class Answer:
     top: list[tuple[str, float]]
 
 
-class DualHeadVQA(nn.Module):
+class DualHeadVQA(MultiTaskModel):
     """Shared vision + text encoders and fusion; a yes/no head and an open-ended head."""
+
+    # Each question is labelled for one head, so the rows of the fused features each carry one
+    # task's gradient: conflict lives in the shared parameters, not in the representation.
+    representation_shared_by_tasks = False
+    representation_key = "fused"
 
     def __init__(self, config: ModelConfig, vocab: AnswerVocab):
         super().__init__()
@@ -85,6 +106,12 @@ class DualHeadVQA(nn.Module):
         self.preprocessor = ImagePreprocessor(
             data_config["input_size"][-1], tuple(data_config["mean"]), tuple(data_config["std"]), data_config.get("interpolation", "bicubic")
         )
+
+    def shared_modules(self) -> list[nn.Module]:
+        return [self.vision, self.text, self.fusion]
+
+    def pretrained_modules(self) -> list[nn.Module]:
+        return [self.vision, self.text]
 
     # -- encoding ---------------------------------------------------------------------------------
 

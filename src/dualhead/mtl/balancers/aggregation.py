@@ -9,8 +9,11 @@ torchjd leaves to the caller:
   options such as ``pref_vector={"binary": 1, "open": 2}`` are sliced to it); the per-task state
   of the stateful ones (GradVac's pairwise cosine targets, Nash-MTL's warm start) lives in this
   module's buffers, indexed by task, so it survives absent tasks and checkpoints.
-- cheap Jacobians (``mode="representation"``, the default) or the Jacobian w.r.t. every shared
-  parameter (``mode="parameters"``); heads always get their own task's plain gradient
+- the Jacobian w.r.t. every shared parameter (``mode="parameters"``, the default: where tasks
+  share, whatever their labels) or, cheaper, w.r.t. the last shared representation
+  (``mode="representation"``: only where every row of it feeds every task, as in dense tasks on
+  the same image; with partial labels it cannot show conflict, and the Trainer refuses it); heads
+  always get their own task's plain gradient
   (see `dualhead.mtl.balancers.jacobian`, also for the DDP notes).
 - ``update_every=k``: aggregate every k-th step, and in between use the last weights as a plain
   weighted sum (only one pass through the heads), for the expensive methods.
@@ -119,7 +122,7 @@ class JacobianAggregation(Balancer):
         self,
         tasks: Sequence[str],
         aggregator: str | Aggregator,
-        mode: str = "representation",
+        mode: str = "parameters",
         update_every: int = 1,
         parallel_chunk_size: int | None = 1,
         **options,

@@ -40,7 +40,7 @@ class GradNorm(Balancer):
         tasks: Sequence[str],
         alpha: float = 1.5,
         lr: float = 0.025,
-        mode: str = "representation",
+        mode: str = "parameters",
         parallel_chunk_size: int | None = 1,
         min_weight: float = 1e-3,
     ):

@@ -2,13 +2,15 @@
 
 Two places to differentiate (the ``mode`` option of the gradient methods):
 
+- ``"parameters"`` (the default): the Jacobian w.r.t. every shared parameter (`shared_jacobian`,
+  torchjd's ``mtl_backward``: one pass through the backbone per task); heads get their own task's
+  gradient on the way. This is where tasks share whatever their labels.
 - ``"representation"``: the Jacobian of the task losses w.r.t. the last shared representation
-  (`feature_jacobian`, one pass through the heads per task, vmapped by torchjd); the combined
-  gradient at the representation is then backpropagated through the backbone once
-  (`backward_through_features`).
-- ``"parameters"``: the Jacobian w.r.t. every shared parameter (`shared_jacobian`, torchjd's
-  ``mtl_backward``: one pass through the backbone per task, vmapped); heads get their own task's
-  gradient on the way.
+  (`feature_jacobian`, one pass through the heads per task); the combined gradient at the
+  representation is then backpropagated through the backbone once (`backward_through_features`).
+  Only meaningful where every row of the representation feeds every task (dense tasks on the same
+  image): with partial labels (a VQA question carries one task's label) the tasks' gradients sit on
+  disjoint rows, are orthogonal by construction, and the methods reduce to the plain sum.
 
 DDP: the Jacobians are local to one process (autograd.grad and torchjd's transforms fire no DDP
 hooks), and so are the aggregation weights. Compute them without gradient sync (inside

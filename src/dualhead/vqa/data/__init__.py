@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable
 from pathlib import Path
 
-from ...config import DataConfig
+from ..config import DataConfig
 from . import easy_vqa, jsonl, pathvqa, slake, vqa_rad, vqa_v2
 from .answers import AnswerVocab, normalize_answer, vqa_accuracy, vqa_soft_scores
 from .images import ImagePreprocessor, ImageStore, load_rgb, question_allows_flip

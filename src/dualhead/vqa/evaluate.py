@@ -5,15 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dualhead.config import DataConfig, RunConfig, load_config
-from dualhead.train.trainer import (
-    autocast_context,
-    eval_sampler,
-    make_loader,
-    predict_probabilities,
-    resolve_device,
-)
+from dualhead.core.config import load_config
+from dualhead.core.experiment import inference
+from dualhead.core.runtime import autocast_context, resolve_device
+from dualhead.vqa.config import DataConfig, VQARunConfig
 from dualhead.vqa.data import ImageStore, load_splits
+from dualhead.vqa.experiment import collect_probabilities, eval_sampler, make_loader
+from dualhead.vqa.features import model_inputs
 from dualhead.vqa.metrics import HeadProbabilities, binary_confusion, score
 from dualhead.vqa.model import CONFIG_FILE, DualHeadVQA
 
@@ -29,7 +27,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is neither a saved model (no {CONFIG_FILE}) nor a run directory with best/ or last/")
 
 
-def run_config_for(checkpoint: Path) -> RunConfig | None:
+def run_config_for(checkpoint: Path) -> VQARunConfig | None:
     """The config.yaml of the run a checkpoint belongs to, if it is inside one."""
     candidate = checkpoint.parent / "config.yaml"
     return load_config(candidate) if candidate.is_file() else None
@@ -66,7 +64,13 @@ def evaluate_checkpoints(
             raise ValueError(f"{checkpoint} has a different answer vocabulary from {checkpoints[0]}: cannot ensemble")
         vocab = model.vocab
         loader = make_loader(model, records, eval_sampler(records), ImageStore(model.preprocessor), num_workers=data.num_workers)
-        prediction = predict_probabilities(model, loader, None, torch_device, autocast_context(torch_device, precision), progress)
+
+        def step(batch, model=model):
+            batch = batch.to(torch_device)
+            with autocast_context(torch_device, precision):
+                return batch, model(**model_inputs(batch))
+
+        prediction = collect_probabilities(inference(model, loader, step, progress))
         members.append(prediction.probs)
         ordered = prediction.records
     probs = HeadProbabilities.average(members)

@@ -1,11 +1,13 @@
 """Checkpoints: the model (safetensors, via save_pretrained) plus the trainer state to resume.
 
-A checkpoint directory is written beside its final name and swapped in with renames, so a run
-killed while saving leaves the previous checkpoint intact.
+A checkpoint directory is written beside its final name, fsynced, and swapped in with renames (the
+parent directory fsynced after each), so a run killed while saving leaves the previous checkpoint
+intact; `recover_interrupted` finishes or undoes a swap that was cut short.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from dualhead.core.io import fsync_dir
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 
@@ -48,11 +52,22 @@ def save_checkpoint(directory: Path, model, trainer_state: dict[str, Any]) -> No
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     torch.save(trainer_state, staging / TRAINER_STATE_FILE)
+    _fsync_tree(staging)
     shutil.rmtree(previous, ignore_errors=True)
     if directory.exists():
         directory.rename(previous)
     staging.rename(directory)
+    fsync_dir(directory.parent)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file of a freshly written checkpoint, then the directory itself."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(directory)
 
 
 def recover_interrupted(directory: Path) -> None:

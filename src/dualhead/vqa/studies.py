@@ -25,12 +25,16 @@ from typing import Any
 
 import torch
 
-from dualhead.config import RunConfig, config_to_dict, load_config, with_overrides
-from dualhead.train.plots import plot_study
-from dualhead.train.trainer import Trainer
+from dualhead.backbones.text import TEXT_ARCHITECTURES
+from dualhead.backbones.vision import OFFLINE_VISION_WEIGHTS, VISION_ARCHITECTURES
+from dualhead.core.config import config_to_dict, load_config, with_overrides
+from dualhead.core.io import atomic_write_json, atomic_write_text
+from dualhead.core.plots import read_metrics
+from dualhead.core.trainer import Trainer
+from dualhead.vqa.config import VQARunConfig as RunConfig
 from dualhead.vqa.data.records import BINARY, OPEN, VQARecord
-from dualhead.vqa.encoders import OFFLINE_VISION_WEIGHTS, TEXT_ARCHITECTURES, VISION_ARCHITECTURES
 from dualhead.vqa.model import DualHeadVQA
+from dualhead.vqa.plots import plot_study
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +124,7 @@ def train_or_resume(config: RunConfig, run_dir: Path, measure: Callable[[Trainer
         **epoch_seconds(run_dir, config),
         **(measure(trainer) if measure else {}),
     }
-    result_file.write_text(json.dumps(result, indent=2))
+    atomic_write_json(result_file, result)
     return result
 
 
@@ -129,8 +133,7 @@ def epoch_seconds(run_dir: Path, config: RunConfig) -> dict[str, float | None]:
     with encoders fine-tuned, from the run's metrics.jsonl."""
     frozen, tuned = [], []
     always_frozen = config.model.vision.freeze and config.model.text.freeze
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(run_dir):
         if row.get("kind") == "epoch" and "train/seconds" in row:
             epoch = row["epoch"] - 1  # logged after the epoch counter moved on
             stage = frozen if always_frozen or epoch < config.train.frozen_warmup_epochs else tuned
@@ -143,7 +146,8 @@ def epoch_seconds(run_dir: Path, config: RunConfig) -> dict[str, float | None]:
 
 def inference_latency(trainer: Trainer, questions: int = LATENCY_QUESTIONS) -> dict[str, float]:
     """Median milliseconds to answer one test question (batch of one, image file to answer string)."""
-    records = trainer.splits.test[: questions + 2] or trainer.splits.val[: questions + 2]
+    splits = trainer.experiment.splits
+    records = splits.test[: questions + 2] or splits.val[: questions + 2]
     return {"latency_ms": measure_latency(trainer.model, records)}
 
 
@@ -325,6 +329,6 @@ def format_report(report: dict[str, Any]) -> str:
 def write_report(report: dict[str, Any], out_dir: Path) -> None:
     """`<study>.json`, `<study>.md` and the bar chart `<study>.png` in `out_dir`."""
     name = report["study"]
-    (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out_dir / f"{name}.md").write_text(format_report(report) + "\n")
+    atomic_write_json(out_dir / f"{name}.json", report)
+    atomic_write_text(out_dir / f"{name}.md", format_report(report) + "\n")
     plot_study(report, out_dir / f"{name}.png")

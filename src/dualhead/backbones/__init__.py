@@ -1,0 +1,1 @@
+"""Backbones shared by every application: timm vision models (pooled or multi-scale) and text encoders."""

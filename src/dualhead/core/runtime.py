@@ -1,0 +1,41 @@
+"""Device, precision and seeding: the few lines every run and every tool needs the same way."""
+
+from __future__ import annotations
+
+import random
+from contextlib import AbstractContextManager, nullcontext
+
+import numpy as np
+import torch
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA where there is one), ``cpu``, ``cuda`` or ``cuda:N``; a clear error otherwise."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}; choose one of {', '.join(DEVICES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name} asked for, but CUDA is not available here; use cpu or auto")
+    return device
+
+
+def autocast_context(device: torch.device, precision: str) -> AbstractContextManager:
+    """bf16 autocast on CPU and CUDA, or nothing for fp32."""
+    if precision == "fp32":
+        return nullcontext()
+    if precision != "bf16":
+        raise ValueError(f"unknown train.precision {precision!r}; choose bf16 or fp32")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

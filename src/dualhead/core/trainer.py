@@ -1,0 +1,391 @@
+"""The training loop for every application: data -> model -> per-task losses -> balancer -> optimiser.
+
+A run directory holds `config.yaml` (what the run used), `metrics.jsonl` and TensorBoard events,
+`best/` and `last/` checkpoints, plots, and the final `test_metrics.json` / `results.md`. What a
+sample is, how the model is fed and how it is scored is the application's `Experiment`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from dualhead.core.applications import get_application
+from dualhead.core.checkpoints import (
+    load_trainer_state,
+    recover_interrupted,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from dualhead.core.config import RunConfig, load_config, save_config
+from dualhead.core.experiment import Experiment
+from dualhead.core.io import atomic_write_json, atomic_write_text
+from dualhead.core.plots import plot_run
+from dualhead.core.runtime import resolve_device, seed_everything
+from dualhead.mtl.balancers import BalanceReport, build_balancer
+from dualhead.mtl.diagnostics import gradient_conflict
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient or weight became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class StepResult:
+    """What one `Trainer.train_step` did."""
+
+    losses: dict[str, float]  # per task present in the batch (and "aux" for the auxiliary loss)
+    report: BalanceReport
+    stepped: bool  # whether the optimiser stepped (the last batch of a gradient-accumulation group)
+    diagnostics: dict[str, float] = field(default_factory=dict)
+
+
+def build_experiment(config: RunConfig) -> Experiment:
+    """The experiment of the application `config` belongs to."""
+    return get_application(config.application).build_experiment(config)
+
+
+class Trainer:
+    """Trains an `Experiment`'s model as `config.train` says, writing everything into `run_dir`."""
+
+    def __init__(self, config: RunConfig, run_dir: Path | str, experiment: Experiment | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        cfg = config.train
+        validate_train_config(cfg)
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.experiment = (experiment or build_experiment(config)).to(self.device)
+        self.model = self.experiment.model
+        self.metric = cfg.metric or self.experiment.default_metric
+        directions = self.experiment.metric_directions
+        if self.metric not in directions:
+            raise ValueError(f"unknown train.metric {self.metric!r}; this run produces {', '.join(directions)}")
+        self.higher_is_better = directions[self.metric]
+        self.balancer = self._build_balancer().to(self.device)
+        self.optimizer = self._build_optimizer()  # before any stage freezes: it holds every trainable parameter
+        self.sampler = self.experiment.train_sampler
+        self.total_steps = cfg.max_steps or self._steps_in_epochs(cfg.epochs)
+        self.scheduler = self._build_scheduler()
+        self.state: dict[str, Any] = {"epoch": 0, "batches_done": 0, "step": 0, "best": None, "bad_epochs": 0, "stopped": False}
+        self.writer: SummaryWriter | None = None
+
+    # -- construction -----------------------------------------------------------------------------
+
+    def _build_balancer(self):
+        cfg = self.config.train
+        options = dict(cfg.balancer_options) or self.experiment.default_balancer_options(cfg.balancer)
+        balancer = build_balancer(cfg.balancer, self.experiment.task_names, **options)
+        if getattr(balancer, "mode", None) == "representation" and not self.model.representation_shared_by_tasks:
+            raise ValueError(
+                f"balancer {cfg.balancer!r} in representation mode cannot act on this model: each sample is labelled "
+                "for one task, so the tasks' gradients at the per-sample shared representation lie on disjoint rows "
+                "and never conflict there. Use train.balancer_options.mode=parameters (the default)."
+            )
+        return balancer
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW; pretrained modules at `encoder_lr`, new layers at `lr`; no decay on biases and norms."""
+        cfg = self.config.train
+        groups: dict[tuple[str, float], list[torch.nn.Parameter]] = {}
+        for role, param in self.model.parameter_groups():
+            decay = cfg.weight_decay if param.ndim > 1 else 0.0
+            groups.setdefault((role, decay), []).append(param)
+        lrs = {"pretrained": cfg.encoder_lr, "new": cfg.lr}
+        param_groups = [{"params": params, "lr": lrs[role], "weight_decay": decay, "role": role} for (role, decay), params in groups.items()]
+        balancer_params = [p for p in self.balancer.parameters() if p.requires_grad]
+        if balancer_params:
+            param_groups.append({"params": balancer_params, "lr": self.balancer.lr, "weight_decay": 0.0, "role": "balancer"})
+        # The fused kernel is far faster than the default for-each kernel on CPU (a large share of a step).
+        return torch.optim.AdamW(param_groups, fused=self.device.type in ("cpu", "cuda"))
+
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
+        """Linear warm-up then cosine decay, once over the run or (`finetune_schedule=restart`) once
+        per stage of the experiment."""
+        cfg = self.config.train
+        boundary = 0
+        stage = self.experiment.stage_boundary_epoch
+        if cfg.finetune_schedule == "restart" and 0 < stage < cfg.epochs and cfg.max_steps is None:
+            boundary = self._steps_in_epochs(stage)
+        finetune_scale = (cfg.finetune_lr / cfg.lr) if cfg.finetune_lr is not None else 1.0
+        lambdas = []
+        for group in self.optimizer.param_groups:
+            scale = finetune_scale if group.get("role") == "new" else 1.0
+            lambdas.append(staged_cosine(boundary, max(self.total_steps, 1), cfg.warmup_fraction, scale))
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
+
+    def _steps_in_epochs(self, epochs: int) -> int:
+        """Optimiser steps in the first `epochs` epochs (the schedule's length)."""
+        steps = 0
+        for epoch in range(epochs):
+            self.sampler.set_epoch(epoch)
+            steps += math.ceil(self.sampler.epoch_length / self.config.train.grad_accum)
+        self.sampler.set_epoch(0)
+        return steps
+
+    # -- resume -----------------------------------------------------------------------------------
+
+    @classmethod
+    def resume(cls, run_dir: Path | str) -> Trainer:
+        """Continue a stopped run from its `last/` checkpoint: weights, optimiser, scheduler, RNG, counters.
+        A run that stopped before its first checkpoint starts again from the beginning."""
+        run_dir = Path(run_dir)
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {config_path} not found; is {run_dir} a dualhead run directory?")
+        for name in ("last", "best"):
+            recover_interrupted(run_dir / name)
+        trainer = cls(load_config(config_path), run_dir)
+        if not (run_dir / "last").exists():
+            log.warning("%s has no checkpoint yet: training starts from the beginning", run_dir)
+            return trainer
+        state = load_trainer_state(run_dir / "last")
+        trainer.model.load_weights(run_dir / "last", trainer.device)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+        trainer.balancer.load_state_dict(state["balancer"])
+        trainer.state = state["progress"]
+        set_rng_state(state["rng"])
+        return trainer
+
+    def save(self, name: str) -> None:
+        """Checkpoint the model and everything needed to resume into ``run_dir/name``."""
+        trainer_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "progress": dict(self.state),
+            "rng": rng_state(),
+        }
+        save_checkpoint(self.run_dir / name, self.model, trainer_state)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train until the epoch budget, `max_steps` or early stopping; then test the best checkpoint."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.run_dir / "config.yaml")
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        log.info("run directory: %s", self.run_dir)
+        try:
+            while not self._finished():
+                self.experiment.on_epoch_start(self.state["epoch"])
+                if not self._train_epoch(self.state["epoch"]):  # max_steps reached mid-epoch
+                    break
+        finally:
+            self.writer.close()
+        return self._finish()
+
+    def _finished(self) -> bool:
+        cfg = self.config.train
+        return (
+            self.state["stopped"]
+            or self.state["epoch"] >= cfg.epochs
+            or (cfg.max_steps is not None and self.state["step"] >= cfg.max_steps)
+        )
+
+    def _train_epoch(self, epoch: int) -> bool:
+        """One epoch (or the rest of it, after a resume); True when it ran to its end."""
+        cfg = self.config.train
+        self.model.train()
+        self.balancer.set_epoch(epoch)
+        skip = self.state["batches_done"]  # resuming mid-epoch: the epoch's order is reproducible
+        self.sampler.set_epoch(epoch, skip=skip)
+        loader = self.experiment.train_loader()
+        loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # worker seeds, per epoch
+        epoch_length = self.sampler.epoch_length
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        samples = 0
+        started = time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        for index, batch in enumerate(bar, start=skip):
+            last_of_group = (index + 1) % cfg.grad_accum == 0 or index + 1 == epoch_length
+            result = self.train_step(batch, optimizer_step=last_of_group, where=f"epoch {epoch + 1}, batch {index + 1}")
+            samples += self.experiment.batch_size_of(batch)
+            if result.diagnostics:
+                self._log("diagnostics", result.diagnostics)
+            for name, value in result.losses.items():
+                totals[name] = totals.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0) + 1
+            self.state["batches_done"] = index + 1
+            if result.stepped:
+                bar.set_postfix(loss=f"{result.report.loss:.3f}")
+                step = self.state["step"]
+                if cfg.log_every_steps and step % cfg.log_every_steps == 0:
+                    self._log("step", {**{f"loss/{k}": v for k, v in result.losses.items()},
+                                       **{f"weight/{k}": v for k, v in result.report.weights.items()},
+                                       "lr": self.scheduler.get_last_lr()[0]})
+                if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0:
+                    self.save("last")
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+        seconds = time.perf_counter() - started
+        epoch_done = self.state["batches_done"] >= epoch_length
+        metrics: dict[str, Any] = {f"train/loss/{k}": totals[k] / counts[k] for k in totals}
+        metrics["train/seconds"] = seconds
+        metrics["train/samples_per_second"] = samples / seconds if seconds > 0 else 0.0
+        if epoch_done or (cfg.max_steps is not None and self.state["step"] >= cfg.max_steps):
+            metrics.update(self._validate(epoch))
+            if epoch_done:
+                self.state["epoch"] = epoch + 1
+                self.state["batches_done"] = 0
+            self._log("epoch", metrics)
+            self.save("last")
+        return epoch_done
+
+    def train_step(self, batch: Any, optimizer_step: bool = True, where: str = "") -> StepResult:
+        """One batch: forward, per-task losses, the balancer's backward, and (unless accumulating
+        gradients) clipping and an optimiser step. Non-finite losses or gradients stop the run."""
+        cfg = self.config.train
+        batch = self.experiment.to_device(batch)
+        with self.experiment.autocast():
+            output = self.experiment.forward(batch)
+            task_losses = self.experiment.task_losses(output, batch)
+            aux = self.experiment.auxiliary_loss(output, batch)
+        losses = {task: float(loss.detach()) for task, loss in task_losses.items()}
+        if aux is not None:
+            losses["aux"] = float(aux.detach())
+        where = where or f"step {self.state['step']}"
+        if not all(math.isfinite(value) for value in losses.values()):
+            self._diverged(f"non-finite loss at {where}: {losses}")
+        diagnostics = {}
+        every = cfg.diagnostics_every_steps
+        if every and len(task_losses) > 1 and self.state["step"] % every == 0 and optimizer_step:
+            diagnostics = gradient_conflict(task_losses, self.model.conflict_parameters())
+        scale = 1.0 / cfg.grad_accum
+        report = self.balancer.backward(
+            {task: loss * scale for task, loss in task_losses.items()},
+            shared_params=self.model.shared_parameters(),
+            shared_features=output.shared.get(self.model.representation_key),
+            extra_loss=aux * scale if aux is not None else None,
+            epoch=self.state["epoch"],
+            step=self.state["step"],
+        )
+        if optimizer_step:
+            self._optimizer_step(where)
+        return StepResult(losses, report, optimizer_step, diagnostics)
+
+    def _optimizer_step(self, where: str) -> None:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = self.config.train.grad_clip
+        # The model's gradients only: a balancer's own parameters follow their own rule.
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
+        if not torch.isfinite(norm):
+            self._diverged(f"non-finite gradient at {where} (gradient norm {float(norm)})")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.state["step"] += 1
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            self._diverged(f"non-finite weights after the optimiser step at {where}")
+
+    def _diverged(self, message: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        raise TrainingDiverged(f"{message}; the last good checkpoint is {self.run_dir / 'last'}")
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def _validate(self, epoch: int) -> dict[str, Any]:
+        if not self.experiment.has_split("val"):
+            return {}
+        metrics = self.experiment.evaluate("val")
+        value = metrics.get(self.metric)
+        if value is None:
+            raise ValueError(f"validation produced no {self.metric!r} (train.metric); it produced {', '.join(metrics)}")
+        best = self.state["best"]
+        if best is None or (value > best if self.higher_is_better else value < best):
+            self.state["best"] = value
+            self.state["bad_epochs"] = 0
+            self.save("best")
+        elif epoch >= self.experiment.stage_boundary_epoch:  # a first stage's plateau does not count
+            self.state["bad_epochs"] += 1
+            patience = self.config.train.early_stopping_patience
+            if patience is not None and self.state["bad_epochs"] >= patience:
+                log.info("early stopping after epoch %d: no better val %s for %d epochs", epoch + 1, self.metric, patience)
+                self.state["stopped"] = True
+        return {f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+
+    def _finish(self) -> dict[str, Any]:
+        """Evaluate the best checkpoint (or the last, without validation data) on val and test; plot."""
+        chosen = self.run_dir / ("best" if (self.run_dir / "best").exists() else "last")
+        if not chosen.exists():
+            self.save("last")
+        self.model.load_weights(chosen, self.device)
+        results: dict[str, Any] = {"checkpoint": str(chosen)}
+        for split in ("val", "test"):
+            if self.experiment.has_split(split):
+                self.experiment.on_epoch_start(self.state["epoch"])
+                results[split] = self.experiment.evaluate(split, final=True)
+        atomic_write_json(self.run_dir / "test_metrics.json", results)
+        atomic_write_text(self.run_dir / "results.md", self.experiment.report(results) + "\n")
+        plot_run(self.run_dir)
+        self.experiment.plot(self.run_dir, results)
+        return results
+
+    def _log(self, kind: str, metrics: dict[str, Any]) -> None:
+        row = {"kind": kind, "epoch": self.state["epoch"], "step": self.state["step"],
+               "time": datetime.now().isoformat(timespec="seconds"), **metrics}
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, int | float):
+                    self.writer.add_scalar(key if kind == "epoch" else f"step/{key}", value, self.state["step"])
+
+
+def validate_train_config(cfg) -> None:
+    """Options that cannot work fail before any work starts, one line each."""
+    if cfg.epochs < 1 and cfg.max_steps is None:
+        raise ValueError(f"train.epochs must be >= 1, got {cfg.epochs}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"train.max_steps must be >= 1 or null, got {cfg.max_steps}")
+    if cfg.grad_accum < 1:
+        raise ValueError(f"train.grad_accum must be >= 1, got {cfg.grad_accum}")
+    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
+        raise ValueError(f"train.grad_clip must be > 0 or null, got {cfg.grad_clip}")
+    if cfg.finetune_schedule not in ("continue", "restart"):
+        raise ValueError(f"unknown train.finetune_schedule {cfg.finetune_schedule!r}; choose continue or restart")
+    if cfg.precision not in ("bf16", "fp32"):
+        raise ValueError(f"unknown train.precision {cfg.precision!r}; choose bf16 or fp32")
+    if not 0 <= cfg.warmup_fraction < 1:
+        raise ValueError(f"train.warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
+
+
+def staged_cosine(boundary: int, total: int, warmup_fraction: float, second_stage_scale: float = 1.0):
+    """LR factor per step: linear warm-up and cosine decay over ``[0, total)``, or, with a `boundary`,
+    over ``[0, boundary)`` and again over ``[boundary, total)`` scaled by `second_stage_scale`."""
+    stages = [(0, boundary, 1.0), (boundary, total, second_stage_scale)] if boundary else [(0, total, 1.0)]
+
+    def factor(step: int) -> float:
+        start, end, scale = next((stage for stage in stages if step < stage[1]), stages[-1])
+        length = max(end - start, 1)
+        warmup = int(warmup_fraction * length)
+        local = step - start
+        if local < warmup:
+            return scale * local / max(warmup, 1)
+        progress = min((local - warmup) / max(length - warmup, 1), 1.0)
+        return scale * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def new_run_dir(config: RunConfig, label: str | None = None) -> Path:
+    """`output_dir/name`, or `output_dir/<label>-<timestamp>` when no name is given (label: the data
+    format where the config has one, else the application)."""
+    label = label or getattr(getattr(config, "data", None), "format", None) or config.application
+    name = config.name or f"{label}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return Path(config.output_dir) / name

@@ -1,0 +1,87 @@
+"""The Dual-Head VQA configuration: model (encoders, fusion, heads), data, and the VQA training recipe.
+
+``VQARunConfig`` is the core `RunConfig` with these sections; ``application: vqa`` in a YAML (or no
+``application`` key at all) selects it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dualhead.backbones.config import TextConfig, VisionConfig
+from dualhead.core.config import RunConfig, TrainConfig
+
+# The reference design's schedule: equal weights, then more on the (harder) open-ended task.
+REFERENCE_TASK_WEIGHTS = {
+    0: {"binary": 0.5, "open": 0.5},
+    11: {"binary": 0.3, "open": 0.7},
+    21: {"binary": 0.2, "open": 0.8},
+}
+
+
+@dataclass
+class ModelConfig:
+    """The Dual-Head VQA model: encoders, fusion, heads (defaults are the reference design's)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: str = "attention"  # attention | concat | product | gated
+    hidden_dim: int = 256
+    num_heads: int = 4
+    dropout: float = 0.3  # heads
+    fusion_dropout: float = 0.1
+    deep_heads: bool = False
+    single_head: bool = False  # one head over the union of all answers (the 'Single Head' ablation)
+    router: bool = True
+
+@dataclass
+class DataConfig:
+    """Which dataset, where, and how batches are drawn."""
+
+    format: str = "easy_vqa"  # easy_vqa | vqa_rad | slake | pathvqa | vqa_v2 | jsonl
+    root: str | None = None  # where the files are; easy_vqa defaults to the installed package
+    lang: str = "en"  # SLAKE only
+    val_fraction: float = 0.1  # validation carved from train by image when a format has none
+    min_answer_count: int = 1
+    max_answers: int | None = None
+    skip_invalid: bool = False
+    # Keep only these tasks' questions (binary, open) in every split: a single-task model, as in
+    # the 'Separate models' ablation. None keeps all.
+    tasks: list[str] | None = None
+    # Decode every distinct image while loading: a corrupt one is an error at once (or, with
+    # skip_invalid, its records are skipped and counted) rather than a failure mid-training.
+    verify_images: bool = False
+    batch_size: int = 64
+    questions_per_image: int = 4  # the grouped sampler's cap of questions per image in one batch
+    num_workers: int = 0
+    augment: bool = False
+    cache_images: bool = True
+
+
+@dataclass
+class VQATrainConfig(TrainConfig):
+    """The core recipe plus the reference design's VQA objective and the frozen-encoder stages."""
+
+    metric: str | None = "accuracy"  # routed overall validation accuracy picks `best/`
+    loss: str = "focal"  # focal | ce
+    focal_gamma: float = 2.5
+    class_weights: str = "inverse_frequency"  # inverse_frequency | none
+    label_smoothing: float = 0.0
+    # Task weights {first_epoch: {task: weight}} for the fixed balancer; null means the reference
+    # design's schedule (REFERENCE_TASK_WEIGHTS). A schedule given here replaces it whole.
+    task_weight_schedule: dict[int, dict[str, float]] | None = None
+    router_weight: float = 0.1
+    cache_frozen_features: bool = True
+    # Train fusion and heads on cached features of the frozen encoders for this many epochs, then
+    # fine-tune everything ("linear probing then fine-tuning", Kumar et al., ICLR 2022).
+    frozen_warmup_epochs: int = 0
+
+
+@dataclass
+class VQARunConfig(RunConfig):
+    """Everything one ``dualhead train`` run of the Dual-Head VQA model needs."""
+
+    application: str = "vqa"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: VQATrainConfig = field(default_factory=VQATrainConfig)

@@ -1,0 +1,205 @@
+"""The Dual-Head VQA experiment: what the core Trainer needs to train and score the VQA model.
+
+VQA's own parts of a run live here: grouped batches (each image encoded once), frozen-encoder
+stages with their feature cache (frozen warm-up, then fine-tuning), the router's auxiliary loss,
+the reference schedule of task weights, and scoring with routed and oracle accuracy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from dualhead.backbones.freeze import freeze_module, is_frozen, unfreeze_module
+from dualhead.core.experiment import Experiment
+from dualhead.vqa.config import REFERENCE_TASK_WEIGHTS, VQARunConfig
+from dualhead.vqa.data import AnswerVocab, ImageStore, VQARecord, VQASplits, load_splits
+from dualhead.vqa.data.batching import GroupedBatchSampler, VQABatch, VQACollator
+from dualhead.vqa.features import EncoderFeatureCache, model_inputs
+from dualhead.vqa.metrics import HeadProbabilities, binary_confusion, format_metrics_table, score
+from dualhead.vqa.model import DualHeadOutput, DualHeadVQA
+from dualhead.vqa.plots import plot_confusion
+from dualhead.vqa.tasks import build_tasks, router_loss
+
+VALIDATION_METRICS = ("accuracy", "binary_accuracy", "open_accuracy", "oracle_accuracy", "router_accuracy", "vqa_accuracy")
+
+
+@dataclass
+class Prediction:
+    """A split's records in evaluation order, with head probabilities."""
+
+    records: list[VQARecord]
+    probs: HeadProbabilities
+
+
+class VQAExperiment(Experiment):
+    """Dual-Head VQA on one dataset: splits, answer vocabulary, model, tasks, stages, scoring."""
+
+    default_metric = "accuracy"
+
+    def __init__(self, config: VQARunConfig, splits: VQASplits | None = None):
+        train_cfg = config.train
+        self.splits = splits if splits is not None else load_splits(config.data, seed=train_cfg.seed)
+        if not self.splits.train:
+            raise ValueError(f"the {config.data.format} training split is empty")
+        self.vocab = AnswerVocab.from_records(self.splits.train, config.data.min_answer_count, config.data.max_answers)
+        self.soft_targets = any(r.answer_scores for r in self.splits.train)
+        model = DualHeadVQA(config.model, self.vocab)
+        super().__init__(config, model, build_tasks(train_cfg, self.vocab, self.splits.train, config.model.single_head, self.soft_targets))
+        self.store = ImageStore(model.preprocessor, cache=config.data.cache_images)
+        self._sampler = GroupedBatchSampler(
+            self.splits.train, config.data.batch_size, config.data.questions_per_image, shuffle=True, seed=train_cfg.seed
+        )
+        # Which encoders are frozen now; the feature cache and the loader follow (see `on_epoch_start`).
+        self.stage: tuple[bool, bool] | None = None
+        self.cache: EncoderFeatureCache | None = None
+        self._train_loader: DataLoader | None = None
+
+    # -- the Experiment interface ------------------------------------------------------------------
+
+    @property
+    def metric_directions(self) -> dict[str, bool]:
+        return dict.fromkeys(VALIDATION_METRICS, True)
+
+    def default_balancer_options(self, balancer: str) -> dict[str, Any]:
+        if balancer != "fixed" or self.config.model.single_head:  # one task: the schedule's tasks do not apply
+            return {}
+        return {"schedule": self.config.train.task_weight_schedule or REFERENCE_TASK_WEIGHTS}
+
+    @property
+    def stage_boundary_epoch(self) -> int:
+        return self.config.train.frozen_warmup_epochs
+
+    @property
+    def train_sampler(self) -> GroupedBatchSampler:
+        return self._sampler
+
+    def train_loader(self) -> DataLoader:
+        if self._train_loader is None:
+            self.on_epoch_start(0)
+        return self._train_loader
+
+    def has_split(self, split: str) -> bool:
+        return bool(self.splits.split(split))
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Freeze the encoders the config (or the frozen warm-up) freezes at `epoch`; cache their
+        features and rebuild the training loader when that changes."""
+        cfg = self.config
+        warm_up = epoch < cfg.train.frozen_warmup_epochs
+        stage = (cfg.model.vision.freeze or warm_up, cfg.model.text.freeze or warm_up)
+        if stage == self.stage:
+            return
+        for module, frozen in zip((self.model.vision, self.model.text), stage, strict=True):
+            if frozen and not is_frozen(module):
+                freeze_module(module)
+            elif not frozen and is_frozen(module):
+                unfreeze_module(module)
+        self.stage = stage
+        self.cache = None
+        if cfg.train.cache_frozen_features and any(stage):
+            self.cache = EncoderFeatureCache.build(
+                self.model, self.splits.train + self.splits.val + self.splits.test, self.store, self.device,
+                self.autocast(), images=stage[0], texts=stage[1], progress=cfg.train.progress,
+            )
+        self._train_loader = self.loader(self.splits.train, self._sampler, augment=cfg.data.augment)
+
+    def batch_size_of(self, batch: VQABatch) -> int:
+        return len(batch.records)
+
+    def forward(self, batch: VQABatch) -> DualHeadOutput:
+        return self.model(**model_inputs(batch, self.cache))
+
+    def auxiliary_loss(self, output: DualHeadOutput, batch: VQABatch) -> Tensor | None:
+        if output.router_logits is None:
+            return None
+        return router_loss(output.router_logits, batch) * self.config.train.router_weight
+
+    def evaluate(self, split: str, final: bool = False) -> dict[str, Any]:
+        """Routed and oracle accuracy, per head and per answer type (and the binary confusion matrix
+        for the final evaluation)."""
+        prediction = self.predict(self.splits.split(split))
+        metrics, _ = score(prediction.probs, prediction.records, self.vocab)
+        if final:
+            metrics["binary_confusion"] = binary_confusion(prediction.probs, prediction.records)
+        return metrics
+
+    def report(self, results: Mapping[str, Any]) -> str:
+        name = Path(results["checkpoint"]).name
+        tables = [
+            format_metrics_table({k: v for k, v in results[split].items() if k != "binary_confusion"}, f"{split} ({name})")
+            for split in ("val", "test") if split in results
+        ]
+        return "\n\n".join(tables)
+
+    def plot(self, run_dir: Path, results: Mapping[str, Any]) -> list[Path]:
+        return plot_confusions(run_dir, results)
+
+    # -- VQA's own ---------------------------------------------------------------------------------
+
+    def loader(self, records: list[VQARecord], sampler: GroupedBatchSampler, augment: bool = False) -> DataLoader:
+        return make_loader(self.model, records, sampler, self.store, self.cache, self.config.data.num_workers, augment, self.soft_targets)
+
+    def predict(self, records: list[VQARecord]) -> Prediction:
+        """Head probabilities for `records` (in grouped order) with the current weights."""
+        loader = self.loader(records, eval_sampler(records, max(self.config.data.batch_size, 128)))
+        return collect_probabilities(self.predict_batches(loader))
+
+
+def collect_probabilities(outputs: Iterable[tuple[VQABatch, DualHeadOutput]]) -> Prediction:
+    """Head probabilities of (batch, output) pairs, with the records in the same order."""
+    ordered, parts = [], []
+    for batch, output in outputs:
+        ordered += batch.records
+        parts.append(HeadProbabilities.from_output(output))
+    return Prediction(ordered, HeadProbabilities.concat(parts))
+
+
+def plot_confusions(run_dir: Path, results: Mapping[str, Any]) -> list[Path]:
+    """The binary head's confusion matrix per evaluated split."""
+    written = []
+    for split in ("test", "val"):
+        if split in results and "binary_confusion" in results[split]:
+            path = Path(run_dir) / f"confusion_binary_{split}.png"
+            plot_confusion(results[split]["binary_confusion"], path, f"binary head, {split} split")
+            written.append(path)
+    return written
+
+
+def make_loader(
+    model: DualHeadVQA,
+    records: list[VQARecord],
+    sampler: GroupedBatchSampler,
+    store: ImageStore,
+    cache: EncoderFeatureCache | None = None,
+    num_workers: int = 0,
+    augment: bool = False,
+    soft_targets: bool = False,
+) -> DataLoader:
+    """A DataLoader of grouped `VQABatch`es for `model`, loading only inputs the cache lacks."""
+    collator = VQACollator(
+        model.vocab,
+        store,
+        model.text.tokenize,
+        augment=augment,
+        soft_targets=soft_targets,
+        load_images=not (cache and cache.has_images),
+        load_text=not (cache and cache.has_text),
+    )
+    # A generator of its own: iterating must not draw from the global RNG, or a run resumed
+    # mid-epoch would see different dropout masks than an uninterrupted one.
+    return DataLoader(
+        records, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(sampler.seed),
+    )
+
+
+def eval_sampler(records: list[VQARecord], batch_size: int = 128, questions_per_image: int = 16) -> GroupedBatchSampler:
+    """Deterministic grouped batches for evaluation (many questions per image: no gradients to balance)."""
+    return GroupedBatchSampler(records, batch_size, questions_per_image, shuffle=False)
