@@ -34,20 +34,18 @@ class Application:
     plot_results: Callable[..., list[Any]] | None = None
 
 
+def application_names() -> list[str]:
+    """The names of the installed applications."""
+    return sorted({entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)})
+
+
 @cache
-def applications() -> dict[str, Application]:
-    """Every installed application, by name."""
-    found = {}
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        application = entry.load()
-        if not isinstance(application, Application):
-            raise TypeError(f"entry point {entry.value} is not a dualhead Application")
-        found[entry.name] = application
-    return found
-
-
 def get_application(name: str) -> Application:
-    known = applications()
-    if name not in known:
-        raise ValueError(f"unknown application {name!r}; installed: {', '.join(sorted(known)) or 'none'}")
-    return known[name]
+    """The installed application `name` (only its own entry point is imported)."""
+    found = [entry for entry in entry_points(group=ENTRY_POINT_GROUP) if entry.name == name]
+    if not found:
+        raise ValueError(f"unknown application {name!r}; installed: {', '.join(application_names()) or 'none'}")
+    application = found[0].load()
+    if not isinstance(application, Application):
+        raise TypeError(f"entry point {found[0].value} is not a dualhead Application")
+    return application
