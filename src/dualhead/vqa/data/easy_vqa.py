@@ -45,11 +45,16 @@ def _read(root: Path, split: str, builder: RecordBuilder) -> list[VQARecord]:
 
 
 def load(
-    root: Path | None = None, *, val_fraction: float = 0.1, seed: int = 0, skip_invalid: bool = False
+    root: Path | None = None,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    allow_outside_root: bool = False,
 ) -> VQASplits:
     """Load easy-VQA from the installed package (`root` None) or a folder in the package's layout."""
     root = require_dir(package_root() if root is None else Path(root), "easy-VQA folder")
-    builder = RecordBuilder(root, skip_invalid)
+    builder = RecordBuilder(root, skip_invalid, allow_outside_root=allow_outside_root)
     train, val = carve_val_by_image(_read(root, "train", builder), val_fraction, seed)
     test = _read(root, "test", builder)
     return VQASplits("easy_vqa", train, val, test, builder.rejected)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -18,18 +20,31 @@ _BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 # The modes torchvision can resize uint8 tensors with.
 _TENSOR_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")
 _LEFT_RIGHT = re.compile(r"\b(left|right)", re.IGNORECASE)
+# Images with more pixels are refused before they are decoded (decompression bombs, giant scans).
+MAX_PIXELS = 64 * 1024 * 1024
+# The default bound of `ImageStore`'s cache of resized images (per process: each data loader worker
+# holds its own).
+CACHE_BYTES = 1024**3
 
 
 def _gray_to_8bit(img: Image.Image) -> Image.Image:
-    """16-bit images are scaled by their full range (x / 257); 32-bit int and float images, which
-    have no fixed range, are stretched linearly from their minimum to their maximum."""
+    """16-bit images (and PGM's, which Pillow opens as 32-bit) are scaled by their full range
+    (x / 257); 32-bit int and float images, which have no fixed range, are stretched linearly from
+    their minimum to their maximum finite value (NaN and -inf go to black, +inf to white)."""
     values = np.asarray(img, dtype=np.float64)
-    if img.mode.startswith("I;16"):
-        values = values / 257.0
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM"):
+        values /= 257.0
     else:
-        low, high = float(values.min()), float(values.max())
-        values = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        np.nan_to_num(values, copy=False, nan=low, posinf=high, neginf=low)
+        if high > low:
+            values -= low
+            values *= 255.0 / (high - low)
+        else:
+            values[:] = 0.0
+    np.clip(np.rint(values, out=values), 0, 255, out=values)
+    return Image.fromarray(values.astype(np.uint8), mode="L")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -43,22 +58,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path: str | Path, source: str = "") -> Image.Image:
+def load_rgb(path: str | Path, source: str = "", max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """Decode an image file of any mode to RGB, fully, so a corrupt file fails here.
 
-    Transparency is composited on white; 16-bit grey is scaled to 8 bit. Errors are `DataError`s
-    naming the file and `source` (the record that uses it).
+    The EXIF orientation is applied; transparency is composited on white; 16-bit grey is scaled to
+    8 bit. An image over `max_pixels` (None: no limit of ours) or over Pillow's own
+    ``Image.MAX_IMAGE_PIXELS`` is refused before decoding. Errors are `DataError`s naming the file
+    and `source` (the record that uses it).
     """
     path = Path(path)
     where = f" ({source})" if source else ""
     if not path.is_file():
         raise DataError(f"image not found: {path}{where}")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_rgb(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        raise DataError(f"image {path}{where} is over Pillow's limit, Image.MAX_IMAGE_PIXELS: {err}") from err
+    except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot decode image {path}{where}: {err}") from err
+    with img:
+        width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise DataError(
+                f"image {path}{where} has {width}x{height} = {width * height:,} pixels, over the limit "
+                f"of {max_pixels:,} (max_pixels)"
+            )
+        try:
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            return _to_rgb(img)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise DataError(f"cannot decode image {path}{where}: {err}") from err
 
 
 def question_allows_flip(question: str) -> bool:
@@ -133,22 +165,41 @@ class ImagePreprocessor:
 
 
 class ImageStore:
-    """Decoded, resized images by path; each distinct file is decoded once when `cache` is on."""
+    """Decoded, resized images by path; with `cache` on, each is decoded once while it stays in the
+    cache, which keeps the most recently used images up to `max_bytes` of tensors (None: no bound).
+    `max_pixels` is passed to `load_rgb`."""
 
-    def __init__(self, preprocessor: ImagePreprocessor, cache: bool = True):
+    def __init__(
+        self,
+        preprocessor: ImagePreprocessor,
+        cache: bool = True,
+        max_bytes: int | None = CACHE_BYTES,
+        max_pixels: int | None = MAX_PIXELS,
+    ):
+        if max_bytes is not None and max_bytes < 0:
+            raise ValueError(f"max_bytes must be None or at least 0, got {max_bytes}")
         self.preprocessor = preprocessor
         self.cache = cache
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
         self.decoded_count = 0
-        self._images: dict[Path, torch.Tensor] = {}
+        self.cached_bytes = 0
+        self._images: OrderedDict[Path, torch.Tensor] = OrderedDict()
 
     def get(self, path: str | Path, source: str = "") -> torch.Tensor:
         """The image at `path` as uint8 [3, S, S]; `source` names the record for error messages."""
         path = Path(path)
         cached = self._images.get(path)
         if cached is not None:
+            self._images.move_to_end(path)
             return cached
-        tensor = self.preprocessor.to_uint8(load_rgb(path, source))
+        tensor = self.preprocessor.to_uint8(load_rgb(path, source, self.max_pixels))
         self.decoded_count += 1
-        if self.cache:
+        size = tensor.numel() * tensor.element_size()
+        if self.cache and (self.max_bytes is None or size <= self.max_bytes):
             self._images[path] = tensor
+            self.cached_bytes += size
+            while self.max_bytes is not None and self.cached_bytes > self.max_bytes:
+                _, evicted = self._images.popitem(last=False)
+                self.cached_bytes -= evicted.numel() * evicted.element_size()
         return tensor

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .answers import normalize_answer
-from .records import DataError, Rejection, VQARecord
+from .records import UNSAFE_TEXT, DataError, Rejection, VQARecord, printable
 
 
 def require_dir(path: Path, what: str) -> Path:
@@ -21,18 +21,24 @@ def require_dir(path: Path, what: str) -> Path:
 
 
 def read_json(path: Path) -> Any:
-    """Parse a JSON file; a missing file or malformed JSON is a DataError naming file, line and column."""
+    """Parse a JSON file; a missing file, bytes that are not UTF-8 or malformed JSON are a DataError
+    naming the file and, where the parser gives one, the line and column."""
     if not path.is_file():
         raise DataError(f"file not found: {path}")
+    data = path.read_bytes()
     try:
-        with path.open(encoding="utf-8") as file:
-            return json.load(file)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path} is not UTF-8 text: {err.reason} at line {line} (byte {err.start})") from err
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(
             f"malformed JSON in {path} at line {err.lineno}, column {err.colno}: {err.msg}"
         ) from err
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text: {err}") from err
+    except (ValueError, RecursionError) as err:  # integers over Python's digit limit, deep nesting
+        raise DataError(f"cannot parse JSON in {path}: {err}") from err
 
 
 def expect_list(data: Any, path: Path, key: str | None = None) -> list:
@@ -58,15 +64,19 @@ class RecordBuilder:
 
     A bad record raises a DataError naming `where` (the dataset folder) and its source, or, with
     `skip_invalid`, is recorded in `rejected` and skipped. Image files are checked for existence
-    only (once per image, whose records then share one Path); decoding happens at batch time.
+    only (once per image, whose records then share one Path); decoding happens at batch time. An
+    image path that resolves outside `where` (``..``, an absolute path, a symlink) is a bad record
+    unless `allow_outside_root`.
     """
 
-    def __init__(self, where: Path, skip_invalid: bool = False):
+    def __init__(self, where: Path, skip_invalid: bool = False, *, allow_outside_root: bool = False):
         self.where = where
         self.skip_invalid = skip_invalid
+        self.allow_outside_root = allow_outside_root
         self.rejected: list[Rejection] = []
-        # (folder, file name) -> the path when the file exists: one check and one Path per image.
-        self._images: dict[tuple[str, str], Path | None] = {}
+        self._root = where.resolve()
+        # (folder, file name) -> (the path when usable, else None; rejection reason; detail).
+        self._images: dict[tuple[str, str], tuple[Path | None, str, str]] = {}
 
     def reject(self, source: str, reason: str, detail: str = "") -> None:
         """Record a bad record, or raise when invalid records are not to be skipped."""
@@ -76,7 +86,7 @@ class RecordBuilder:
                 + (f": {detail}" if detail else "")
                 + "; fix the record or load with skip_invalid=True (data.skip_invalid=true)"
             )
-        self.rejected.append(Rejection(source, reason, detail))
+        self.rejected.append(Rejection(printable(source), reason, printable(detail)))
 
     def fields(self, raw: Any, names: Sequence[str], source: str) -> list[Any] | None:
         """The values of the named fields of a raw record, or None when it was rejected."""
@@ -90,9 +100,8 @@ class RecordBuilder:
         return [raw[name] for name in names]
 
     def image_path(self, folder: Path, name: Any, source: str, suffix: str = "") -> Path | None:
-        """`folder / (name + suffix)` if that is an existing file, else None (rejected).
-
-        `name` is a file name or an integer id (easy-VQA's images are ``<id>.png``)."""
+        """`folder / (name + suffix)` if that is an existing file inside the dataset folder, else None
+        (rejected). `name` is a file name or an integer id (easy-VQA's images are ``<id>.png``)."""
         if isinstance(name, int) and not isinstance(name, bool):
             name = str(name)
         if not isinstance(name, str) or not name.strip():
@@ -100,12 +109,23 @@ class RecordBuilder:
             return None
         key = (str(folder), name.strip() + suffix)
         if key not in self._images:
-            path = folder / key[1]
-            self._images[key] = path if path.is_file() else None
-        path = self._images[key]
+            self._images[key] = self._locate(folder / key[1])
+        path, reason, detail = self._images[key]
         if path is None:
-            self.reject(source, "missing image", f"image file {folder / key[1]} does not exist")
+            self.reject(source, reason, detail)
         return path
+
+    def _locate(self, path: Path) -> tuple[Path | None, str, str]:
+        try:
+            resolved = path.resolve()
+            if not self.allow_outside_root and not resolved.is_relative_to(self._root):
+                outside = f"image {path} resolves to {resolved}, outside the dataset folder {self._root}"
+                return None, "image outside dataset", f"{outside} (allow it with allow_outside_root=True)"
+            if path.is_file():
+                return path, "", ""
+        except (OSError, ValueError) as err:  # a name too long, a NUL byte
+            return None, "missing image", f"image path {path} is not usable: {err}"
+        return None, "missing image", f"image file {path} does not exist"
 
     def record(
         self,
@@ -131,6 +151,14 @@ class RecordBuilder:
         if answer is None or isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
             self.reject(source, "empty answer" if answer is None else "invalid answer", f"answer {answer!r}")
             return None
+        answers = (answer, *all_answers)
+        for what, text in [("question", question), *(("answer", a) for a in answers if isinstance(a, str))]:
+            unsafe = UNSAFE_TEXT.search(text)
+            if unsafe is not None:
+                code = f"U+{ord(unsafe.group()):04X}"
+                detail = f"{what} {text!r:.80} has {code}, a control character or lone surrogate"
+                self.reject(source, "invalid text", detail)
+                return None
         normalized = normalize_answer(answer)
         if not normalized:
             self.reject(source, "empty answer", f"answer {answer!r} is empty after normalisation")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,9 +12,20 @@ OPEN = "open"
 TASKS = (BINARY, OPEN)
 YES_NO = ("no", "yes")  # binary head classes, in index order
 
+# Text a tokenizer or a terminal cannot take: control characters other than whitespace, lone surrogates.
+UNSAFE_TEXT = re.compile(r"[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with its `UNSAFE_TEXT` characters escaped (``\\x1b``, ``\\ud800``), safe to print."""
+    return UNSAFE_TEXT.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
 
 class DataError(ValueError):
-    """Bad input: names the file and record at fault."""
+    """Bad input: names the file and record at fault (unprintable characters in the message are escaped)."""
+
+    def __init__(self, message: str):
+        super().__init__(printable(message))
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,14 @@ LANGUAGES = ("en", "zh", "all")
 FIELDS = FieldNames(image="img_name")
 
 
-def load(root: Path, *, lang: str = "en", skip_invalid: bool = False) -> VQASplits:
+def load(
+    root: Path, *, lang: str = "en", skip_invalid: bool = False, allow_outside_root: bool = False
+) -> VQASplits:
     """Load SLAKE from `root`; `lang` keeps English ("en"), Chinese ("zh") or both ("all")."""
     if lang not in LANGUAGES:
         raise ValueError(f"unknown SLAKE language {lang!r}; choose one of {', '.join(LANGUAGES)}")
     root = require_dir(Path(root), "SLAKE folder")
-    builder = RecordBuilder(root, skip_invalid)
+    builder = RecordBuilder(root, skip_invalid, allow_outside_root=allow_outside_root)
     train, val, test = (
         build_records(
             json_rows(root / filename),

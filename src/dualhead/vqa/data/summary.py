@@ -1,9 +1,11 @@
 """What a loaded dataset holds: counts per split, task and answer type, duplicates, vocabulary
-coverage, rejected records and (optionally) undecodable images. Backs ``dualhead data summary``."""
+coverage, rejected records and (optionally) undecodable images and questions the text encoder would
+truncate. Backs ``dualhead data summary``."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from collections.abc import Callable, Sized
 from typing import Any
 
 from .answers import AnswerVocab
@@ -49,8 +51,33 @@ def _check_images(splits: VQASplits) -> dict[str, Any]:
     return {"checked": len(first_use), "failed": failed}
 
 
-def summarize(splits: VQASplits, vocab: AnswerVocab, check_images: bool = False) -> dict[str, Any]:
-    """Counts that describe a dataset as loaded; `check_images` decodes every image (slow)."""
+def _long_questions(splits: VQASplits, tokenize: Callable[[str], Sized], max_length: int) -> dict[str, Any]:
+    lengths: dict[str, int] = {}  # question -> token count, each distinct question tokenized once
+    counts: dict[str, Any] = {"max_length": max_length}
+    for name in SPLITS:
+        for record in splits.split(name):
+            if record.question not in lengths:
+                lengths[record.question] = len(tokenize(record.question))
+        counts[name] = sum(lengths[record.question] > max_length for record in splits.split(name))
+    counts["longest"] = max(lengths.values(), default=0)
+    return counts
+
+
+def summarize(
+    splits: VQASplits,
+    vocab: AnswerVocab,
+    check_images: bool = False,
+    tokenize: Callable[[str], Sized] | None = None,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """Counts that describe a dataset as loaded; `check_images` decodes every image (slow).
+
+    Given `tokenize` (a question -> its tokens, as the text encoder sees them, special tokens included)
+    and `max_length`, it also counts the questions per split longer than `max_length` tokens, which
+    the encoder truncates.
+    """
+    if (tokenize is None) != (max_length is None):
+        raise ValueError("summarize needs both tokenize and max_length to count long questions, or neither")
     train_rows = {_row_key(record) for record in splits.train}
     answers_by_pair: dict[tuple[str, str], set[str]] = defaultdict(set)
     for name in SPLITS:
@@ -75,6 +102,8 @@ def summarize(splits: VQASplits, vocab: AnswerVocab, check_images: bool = False)
             for r in splits.rejected[:MAX_EXAMPLES]
         ],
     }
+    if tokenize is not None and max_length is not None:
+        summary["long_questions"] = _long_questions(splits, tokenize, max_length)
     if check_images:
         summary["image_check"] = _check_images(splits)
     return summary
@@ -118,6 +147,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"- open-task answers outside it: {outside}",
         f"- image + question pairs with conflicting answers: {summary['conflicting_pairs']}",
     ]
+    if "long_questions" in summary:
+        long = summary["long_questions"]
+        per_split = ", ".join(f"{name} {long[name]}" for name in SPLITS)
+        lines.append(
+            f"- questions over {long['max_length']} tokens (truncated): {per_split} "
+            f"(longest: {long['longest']} tokens)"
+        )
     rejected = summary["rejected"]
     counts = ", ".join(f"{reason}: {count}" for reason, count in rejected.items()) or "none"
     lines.append(f"- rejected records: {sum(rejected.values())} ({counts})")

@@ -27,10 +27,17 @@ def _read(root: Path, filename: str, builder: RecordBuilder) -> list[VQARecord]:
     return build_records(json_rows(root / filename), builder, root / "images", FIELDS)
 
 
-def load(root: Path, *, val_fraction: float = 0.1, seed: int = 0, skip_invalid: bool = False) -> VQASplits:
+def load(
+    root: Path,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    allow_outside_root: bool = False,
+) -> VQASplits:
     """Load VQA-RAD from `root` (the folder holding trainset.json, testset.json and images/)."""
     root = require_dir(Path(root), "VQA-RAD folder")
-    builder = RecordBuilder(root, skip_invalid)
+    builder = RecordBuilder(root, skip_invalid, allow_outside_root=allow_outside_root)
     train, val = carve_val_by_question(_read(root, "trainset.json", builder), val_fraction, seed)
     test = _read(root, "testset.json", builder)
     return VQASplits("vqa_rad", train, val, test, builder.rejected)

@@ -43,8 +43,11 @@ def _read(root: Path, split: str, builder: RecordBuilder) -> list[VQARecord]:
     annotations_path = _find(root, f"*{split}_annotations.json")
     questions = expect_list(read_json(questions_path), questions_path, key="questions")
     annotations = expect_list(read_json(annotations_path), annotations_path, key="annotations")
-    by_qid = {ann.get("question_id"): ann for ann in annotations if isinstance(ann, Mapping)}
-    by_qid.pop(None, None)
+    by_qid = {
+        ann["question_id"]: ann
+        for ann in annotations
+        if isinstance(ann, Mapping) and isinstance(ann.get("question_id"), (int, str))
+    }
     records = []
     for index, raw in enumerate(questions):
         qid = raw.get("question_id") if isinstance(raw, Mapping) else None
@@ -85,10 +88,17 @@ def _read(root: Path, split: str, builder: RecordBuilder) -> list[VQARecord]:
     return records
 
 
-def load(root: Path, *, val_fraction: float = 0.1, seed: int = 0, skip_invalid: bool = False) -> VQASplits:
+def load(
+    root: Path,
+    *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    allow_outside_root: bool = False,
+) -> VQASplits:
     """Load VQA v2 from `root`: train2014 gives train and val (by image), val2014 gives test."""
     root = require_dir(Path(root), "VQA v2 folder")
-    builder = RecordBuilder(root, skip_invalid)
+    builder = RecordBuilder(root, skip_invalid, allow_outside_root=allow_outside_root)
     train, val = carve_val_by_image(_read(root, "train2014", builder), val_fraction, seed)
     test = _read(root, "val2014", builder)
     return VQASplits("vqa_v2", train, val, test, builder.rejected)
