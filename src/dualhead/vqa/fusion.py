@@ -9,6 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dualhead.core.registry import Registry
+
+FUSIONS: Registry[type[nn.Module]] = Registry("fusion")
+
 
 class _Projected(nn.Module):
     """Projects both modalities to the common width d."""
@@ -20,6 +24,7 @@ class _Projected(nn.Module):
         self.out_dim = hidden_dim
 
 
+@FUSIONS.register("attention")
 class AttentionFusion(_Projected):
     """Project, stack as a 2-token sequence, multi-head self-attention, LayerNorm + residual,
     feed-forward (LayerNorm + residual), global average pool over the two tokens."""
@@ -46,6 +51,7 @@ class AttentionFusion(_Projected):
         return tokens.mean(dim=1), weights  # weights: [N, 2, 2], rows = queries (image, question)
 
 
+@FUSIONS.register("concat")
 class ConcatFusion(_Projected):
     """Concatenate the projections and mix them with one layer (the 'no attention' ablation)."""
 
@@ -57,6 +63,7 @@ class ConcatFusion(_Projected):
         return self.mix(torch.cat([self.image_proj(image), self.text_proj(text)], dim=-1)), None
 
 
+@FUSIONS.register("product")
 class ProductFusion(_Projected):
     """Element-wise product of the projections (bilinear pooling of rank one)."""
 
@@ -69,6 +76,7 @@ class ProductFusion(_Projected):
         return self.dropout(self.norm(torch.tanh(self.image_proj(image)) * torch.tanh(self.text_proj(text)))), None
 
 
+@FUSIONS.register("gated")
 class GatedFusion(_Projected):
     """A learned sigmoid gate mixes the two projections per feature."""
 
@@ -84,18 +92,6 @@ class GatedFusion(_Projected):
         return self.dropout(self.norm(gate * image + (1 - gate) * text)), None
 
 
-FUSIONS: dict[str, type[nn.Module]] = {
-    "attention": AttentionFusion,
-    "concat": ConcatFusion,
-    "product": ProductFusion,
-    "gated": GatedFusion,
-}
-
-
 def build_fusion(name: str, image_dim: int, text_dim: int, hidden_dim: int, num_heads: int, dropout: float) -> nn.Module:
     """Build a fusion module by name."""
-    try:
-        cls = FUSIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown fusion {name!r}; choose one of {sorted(FUSIONS)}") from None
-    return cls(image_dim, text_dim, hidden_dim=hidden_dim, num_heads=num_heads, dropout=dropout)
+    return FUSIONS.build(name, image_dim, text_dim, hidden_dim=hidden_dim, num_heads=num_heads, dropout=dropout)

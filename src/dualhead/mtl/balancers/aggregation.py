@@ -263,4 +263,4 @@ class JacobianAggregation(Balancer):
 
 
 for _name in AGGREGATORS:
-    BALANCERS[_name] = partial(JacobianAggregation, aggregator=_name)
+    BALANCERS.register(_name, partial(JacobianAggregation, aggregator=_name))

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from dualhead.core.registry import Registry
+
 
 @dataclass
 class BalanceReport:
@@ -162,16 +164,14 @@ class FixedWeights(Balancer):
         return BalanceReport(loss=float(total.detach()) if isinstance(total, Tensor) else 0.0, weights=used)
 
 
-#: Registry name -> constructor ``(tasks, **options) -> Balancer``; the method modules register here.
-BALANCERS: dict[str, Callable[..., Balancer]] = {"fixed": FixedWeights}
+#: Registry name -> constructor ``(tasks, **options) -> Balancer``; each method's module registers it.
+BALANCERS: Registry[Callable[..., Balancer]] = Registry("balancer")
+BALANCERS.register("fixed", FixedWeights)
 
 
 def build_balancer(name: str, tasks: Sequence[str], **options) -> Balancer:
     """Build a balancer by its registry name (``train.balancer`` in the config)."""
-    try:
-        cls = BALANCERS[name]
-    except KeyError:
-        raise ValueError(f"unknown balancer {name!r}; choose one of {sorted(BALANCERS)}") from None
+    cls = BALANCERS.lookup(name)
     parameters = inspect.signature(cls).parameters
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         accepted = [p for p in parameters if p != "tasks"]

@@ -12,6 +12,7 @@ from dualhead.mtl.balancers.base import BALANCERS, Balancer, BalanceReport, full
 from dualhead.mtl.balancers.jacobian import accumulate_flat, check_features, shared_jacobian
 
 
+@BALANCERS.register("db_mtl")
 class DBMTL(Balancer):
     """Dual balancing: log-transformed losses (loss scale) and equalised gradient magnitudes.
 
@@ -86,6 +87,3 @@ class DBMTL(Balancer):
         if extra_loss is not None:
             total += float(extra_loss.detach())
         return BalanceReport(loss=total, weights=dict(zip(present, scales.tolist(), strict=True)))
-
-
-BALANCERS["db_mtl"] = DBMTL

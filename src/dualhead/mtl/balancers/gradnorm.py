@@ -20,6 +20,7 @@ from dualhead.mtl.balancers.base import (
 from dualhead.mtl.balancers.jacobian import check_features, check_mode, feature_jacobian, params_jacobian
 
 
+@BALANCERS.register("gradnorm")
 class GradNorm(Balancer):
     """The model trains on ``sum_t w_t * L_t``; the task weights ``w_t`` follow GradNorm's gradient.
 
@@ -103,6 +104,3 @@ class GradNorm(Balancer):
         objective = sum(w * loss for w, loss in zip(weights.to(tensors[0].device), tensors, strict=True))
         total = plain_backward(objective, extra_loss)
         return BalanceReport(loss=total, weights=dict(zip(present, weights.tolist(), strict=True)))
-
-
-BALANCERS["gradnorm"] = GradNorm

@@ -56,6 +56,7 @@ class LossWeighting(Balancer):
         return BalanceReport(loss=total, weights=dict(zip(present, weights.tolist(), strict=True)))
 
 
+@BALANCERS.register("uw")
 class UncertaintyWeighting(LossWeighting):
     """Uncertainty weighting (Kendall, Gal & Cipolla, CVPR 2018), torchjd's ``UW`` per task.
 
@@ -72,6 +73,7 @@ class UncertaintyWeighting(LossWeighting):
         return sum(self.scalarizers[task](value) for task, value in zip(tasks, values, strict=True))
 
 
+@BALANCERS.register("imtl_l")
 class IMTLLossWeighting(LossWeighting):
     """IMTL-L, the loss-balancing half of Impartial MTL (Liu et al., ICLR 2021), torchjd's ``IMTLL`` per task.
 
@@ -88,6 +90,7 @@ class IMTLLossWeighting(LossWeighting):
         return sum(self.scalarizers[task](value) for task, value in zip(tasks, values, strict=True))
 
 
+@BALANCERS.register("rlw")
 class RandomLossWeighting(LossWeighting):
     """Random loss weighting (Lin et al., TMLR 2022), torchjd's ``Random``: softmax of normal draws each step."""
 
@@ -95,6 +98,7 @@ class RandomLossWeighting(LossWeighting):
         return Random()(values)
 
 
+@BALANCERS.register("stch")
 class SmoothTchebycheff(LossWeighting):
     """Smooth Tchebycheff scalarisation (Lin et al., ICML 2024), torchjd's ``STCH``.
 
@@ -123,6 +127,7 @@ class SmoothTchebycheff(LossWeighting):
         return STCH(self.mu, weights=preference / preference.sum(), reference=reference)(values)
 
 
+@BALANCERS.register("geometric")
 class GeometricLoss(LossWeighting):
     """Geometric mean of the losses (GLS; Chennupati et al., CVPR-W 2019), torchjd's ``GeometricMean``.
 
@@ -133,6 +138,7 @@ class GeometricLoss(LossWeighting):
         return GeometricMean()(values)
 
 
+@BALANCERS.register("dwa")
 class DynamicWeightAverage(LossWeighting):
     """Dynamic Weight Average (Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention",
     CVPR 2019), with a per-task loss history.
@@ -177,6 +183,7 @@ class DynamicWeightAverage(LossWeighting):
         return (weights * values).sum()
 
 
+@BALANCERS.register("famo")
 class FAMO(LossWeighting):
     """FAMO (Liu et al., "FAMO: Fast Adaptive Multitask Optimization", NeurIPS 2023), per task.
 
@@ -227,16 +234,3 @@ class FAMO(LossWeighting):
         z = softmax(torch.stack([self.logits[task] for task in tasks]).detach().to(values), dim=0)
         normaliser = (z / shifted).sum().detach()
         return (z / normaliser * torch.log(shifted)).sum()
-
-
-BALANCERS.update(
-    {
-        "uw": UncertaintyWeighting,
-        "imtl_l": IMTLLossWeighting,
-        "rlw": RandomLossWeighting,
-        "stch": SmoothTchebycheff,
-        "geometric": GeometricLoss,
-        "dwa": DynamicWeightAverage,
-        "famo": FAMO,
-    }
-)
