@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from dualhead.mtl.balancers.base import full_precision
-from dualhead.mtl.balancers.jacobian import params_jacobian
+from dualhead.mtl.balancers.jacobian import gramian
 
 NORM_PREFIX = "grad_norm/"
 COSINE_PREFIX = "cosine/"
@@ -33,10 +33,14 @@ def gradient_conflict(losses: Mapping[str, Tensor], params: Sequence[Tensor]) ->
     if not params:
         raise ValueError("gradient_conflict needs trainable shared parameters; every shared parameter is frozen")
     with full_precision(params[0]):
-        jacobian = params_jacobian([losses[name] for name in names], params, parallel_chunk_size=1)
-        norms = jacobian.norm(dim=1)
-        units = torch.nn.functional.normalize(jacobian, dim=1)
-        cosines = units @ units.T
+        grads = [
+            [torch.zeros_like(p) if g is None else g for p, g in zip(params, torch.autograd.grad(
+                losses[name], params, retain_graph=True, allow_unused=True), strict=True)]
+            for name in names
+        ]
+        products = gramian(grads)
+        norms = torch.diagonal(products).clamp_min(0).sqrt()
+        cosines = products / (norms[:, None] * norms[None, :]).clamp_min(1e-30)
     result = {f"{NORM_PREFIX}{name}": float(norm) for name, norm in zip(names, norms, strict=True)}
     for (i, a), (j, b) in combinations(enumerate(names), 2):
         result[f"{COSINE_PREFIX}{a}~{b}"] = float(cosines[i, j])

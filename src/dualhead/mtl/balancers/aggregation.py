@@ -50,12 +50,14 @@ from torchjd.aggregation import (
 
 from dualhead.mtl.balancers.base import BALANCERS, Balancer, BalanceReport, full_precision, plain_backward
 from dualhead.mtl.balancers.jacobian import (
+    accumulate_combination,
     accumulate_flat,
     backward_through_features,
     check_features,
     check_mode,
     feature_jacobian,
-    shared_jacobian,
+    gramian,
+    task_gradients,
 )
 
 
@@ -214,6 +216,18 @@ class JacobianAggregation(Balancer):
         self._store_state(aggregator, index)
         return direction, weights
 
+    def gramian_weights(self, gramian: Tensor, tasks: Sequence[str]) -> Tensor | None:
+        """The task weights from the Gramian alone, for methods whose weights depend only on it
+        (None for the others, which need the Jacobian itself)."""
+        aggregator = self._aggregator(tuple(tasks), gramian.device)
+        if not isinstance(aggregator, GramianWeightedAggregator):
+            return None
+        index = self.task_index(tasks)
+        self._load_state(aggregator, index)
+        weights = aggregator.gramian_weighting(gramian)
+        self._store_state(aggregator, index)
+        return weights
+
     def _due(self, mask: Tensor) -> bool:
         return not torch.equal(mask, self.cached_tasks) or int(self.steps_since_update) >= self.update_every
 
@@ -252,12 +266,17 @@ class JacobianAggregation(Balancer):
             direction, weights = self.combine(jacobian, present)
             backward_through_features(tensors, features, direction, extra_loss)
         else:
+            # One ordinary backward per task; most methods need only the Gramian of the task
+            # gradients, so no [m, n] Jacobian is built for them.
             params = [p for p in shared_params if p.requires_grad]
-            jacobian = shared_jacobian(
-                tensors, features, params, retain_graph=extra_loss is not None, parallel_chunk_size=chunk
-            )
-            direction, weights = self.combine(jacobian, present)
-            accumulate_flat(params, direction)
+            grads = task_gradients(tensors, params, retain_graph=extra_loss is not None)
+            weights = self.gramian_weights(gramian(grads), present)
+            if weights is not None:
+                accumulate_combination(params, grads, weights)
+            else:
+                jacobian = torch.cat([torch.stack([g[i].reshape(-1).float() for g in grads]) for i in range(len(params))], dim=1)
+                direction, weights = self.combine(jacobian, present)
+                accumulate_flat(params, direction)
             plain_backward(None, extra_loss)
         return weights
 

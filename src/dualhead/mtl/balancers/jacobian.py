@@ -2,9 +2,11 @@
 
 Two places to differentiate (the ``mode`` option of the gradient methods):
 
-- ``"parameters"`` (the default): the Jacobian w.r.t. every shared parameter (`shared_jacobian`,
-  torchjd's ``mtl_backward``: one pass through the backbone per task); heads get their own task's
-  gradient on the way. This is where tasks share whatever their labels.
+- ``"parameters"`` (the default): each task's gradient w.r.t. every shared parameter, one ordinary
+  backward per task (`task_gradients`); heads get their own task's gradient on the way. Methods
+  whose weights depend only on the Gramian (most of torchjd's) get it parameter by parameter
+  (`gramian`) and never see a flat ``[m, n]`` Jacobian. This is where tasks share whatever their
+  labels.
 - ``"representation"``: the Jacobian of the task losses w.r.t. the last shared representation
   (`feature_jacobian`, one pass through the heads per task); the combined gradient at the
   representation is then backpropagated through the backbone once (`backward_through_features`).
@@ -87,6 +89,41 @@ def shared_jacobian(
         blocks.append(param.jac.reshape(len(losses), -1).float())
         del param.jac
     return torch.cat(blocks, dim=1)
+
+
+def task_gradients(losses: Sequence[Tensor], params: Sequence[Tensor], *, retain_graph: bool) -> list[list[Tensor]]:
+    """Each loss's gradient w.r.t. `params`, one ordinary backward per task (no Jacobian is built).
+
+    Every other leaf a loss reaches (its task's own head) accumulates that task's plain gradient in
+    ``.grad``, as ``loss.backward()`` would; the ``.grad`` of `params` is left as it was.
+    """
+    saved = [param.grad for param in params]
+    grads = []
+    try:
+        for index, loss in enumerate(losses):
+            for param in params:
+                param.grad = None
+            loss.backward(retain_graph=retain_graph or index < len(losses) - 1)
+            grads.append([torch.zeros_like(p) if p.grad is None else p.grad for p in params])
+    finally:
+        for param, grad in zip(params, saved, strict=True):
+            param.grad = grad
+    return grads
+
+
+def gramian(grads: Sequence[Sequence[Tensor]]) -> Tensor:
+    """The ``[m, m]`` float32 Gramian ``J J^T`` of per-task gradients, parameter by parameter."""
+    result = torch.zeros(len(grads), len(grads), device=grads[0][0].device)
+    for index in range(len(grads[0])):
+        block = torch.stack([task[index].reshape(-1).float() for task in grads])
+        result += block @ block.T
+    return result
+
+
+def accumulate_combination(params: Sequence[Tensor], grads: Sequence[Sequence[Tensor]], weights: Tensor) -> None:
+    """Add ``sum_i weights[i] * grads[i]`` to the ``.grad`` of `params`. DDP: all-reduce first."""
+    for index, param in enumerate(params):
+        accumulate_grad(param, sum(float(w) * task[index].float() for w, task in zip(weights, grads, strict=True)))
 
 
 def accumulate_flat(params: Sequence[Tensor], vector: Tensor) -> None:
