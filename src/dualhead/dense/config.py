@@ -1,0 +1,71 @@
+"""The dense-vision configuration: model (backbone, architecture), data, and the run config.
+
+``ScenesRunConfig`` is the core `RunConfig` with these sections; ``application: scenes`` in a YAML
+selects it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dualhead.backbones.config import VisionConfig
+from dualhead.core.config import RunConfig
+from dualhead.dense.data import DENSE_FORMATS
+
+
+def _default_backbone() -> VisionConfig:
+    # Batch statistics of dense batches (32 distinct images) are good: batch norm trains.
+    return VisionConfig(name="efficientnet_lite0", weights="offline", norm_eval=False)
+
+
+@dataclass
+class DenseModelConfig:
+    """A multi-scale backbone, the shared architecture on top of it, and the task heads' width."""
+
+    backbone: VisionConfig = field(default_factory=_default_backbone)
+    architecture: str = "hard_fpn"  # see dualhead.dense.models.DENSE_ARCHITECTURES
+    out_indices: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # backbone levels (strides 4..32)
+    fpn_dim: int = 64
+    head_dim: int = 64
+
+
+@dataclass
+class DenseDataConfig:
+    """Which dataset, where, which tasks, and how batches are drawn."""
+
+    format: str = "scenes"  # scenes | nyuv2 | cityscapes (see dualhead.dense.data.DENSE_FORMATS)
+    # scenes: the cache folder (default ~/.cache/dualhead/scenes); nyuv2 / cityscapes: the dataset
+    # folder in LibMTL's preprocessed layout (<root>/{train,val}/{image,label,depth,normal}/<i>.npy).
+    root: str | None = None
+    # Tasks to learn, any of seg, depth, normals that the format labels; null: all of them. One task
+    # makes a single-task baseline.
+    tasks: list[str] | None = None
+    # Procedural scenes (format scenes): resolution, split sizes, generator seed and difficulty.
+    image_size: int = 64
+    train_size: int = 4000
+    val_size: int = 500
+    test_size: int = 500
+    max_objects: int = 6
+    noise: float = 0.04
+    # nyuv2 / cityscapes: their val/ folder is the test split (the official test images); validation
+    # is this fraction of train/.
+    val_fraction: float = 0.1
+    # The data's own seed (the scenes generator, the validation draw), apart from train.seed so that
+    # runs over training seeds see the same data.
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        """Segmentation classes of the format (scenes: background and five shapes)."""
+        return DENSE_FORMATS.lookup(self.format).num_classes
+
+
+@dataclass
+class ScenesRunConfig(RunConfig):
+    """A dense-vision run: ``application: scenes``."""
+
+    application: str = "scenes"
+    model: DenseModelConfig = field(default_factory=DenseModelConfig)
+    data: DenseDataConfig = field(default_factory=DenseDataConfig)
