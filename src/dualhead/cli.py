@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import sys
 from pathlib import Path
 
 import click
+from safetensors import SafetensorError
 
-from dualhead.core.config import DEFAULT_CONFIG, ConfigError, RunConfig, load_config
+from dualhead.core.config import DEFAULT_CONFIG, RunConfig, load_config
 
 PREDICT_CHUNK = 64  # questions answered per forward pass by `predict --input`
 
@@ -30,10 +32,39 @@ def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
-@click.group()
+def describe(error: BaseException) -> str:
+    """One line for a user error: what went wrong and, for OS errors, with which file."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f": {error.filename}" if error.filename else ""
+        return f"{error.strerror}{where}"
+    text = str(error).strip() or type(error).__name__
+    if isinstance(error, RuntimeError) and "state_dict" in text:  # torch's mismatched-weights report
+        text = "the weights do not fit the model: " + text.splitlines()[0]
+    return text
+
+
+class UserErrorsAsMessages(click.Group):
+    """Errors a user can cause (bad options, files, data, weights; a full disk) end the command
+    with one line instead of a traceback; ``--debug`` shows the traceback."""
+
+    USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError)
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except self.USER_ERRORS as error:
+            if (ctx.obj or {}).get("debug"):
+                raise
+            raise click.ClickException(describe(error)) from error
+
+
+@click.group(cls=UserErrorsAsMessages)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
     """dualhead: multi-task learning, and the Dual-Head VQA model."""
+    ctx.obj = {"debug": debug}
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -42,22 +73,19 @@ def main(verbose: bool) -> None:
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue a stopped run from its last checkpoint.")
 def train(args: tuple[str, ...], resume_dir: str | None) -> None:
     """Train a model: `dualhead train [config.yaml | bundled name] [key=value ...]` (default: easy_vqa)."""
-    from dualhead.core.trainer import Trainer, TrainingDiverged, new_run_dir
+    from dualhead.core.trainer import Trainer, new_run_dir
 
-    try:
-        if resume_dir:
-            if args:
-                _fail("--resume continues a run with its own config.yaml; give no config or overrides with it")
-            trainer = Trainer.resume(Path(resume_dir))
-        else:
-            config = _load(args)
-            run_dir = new_run_dir(config)
-            if run_dir.exists() and any(run_dir.iterdir()):
-                _fail(f"run directory {run_dir} already exists: continue it with --resume {run_dir}, or set name=...")
-            trainer = Trainer(config, run_dir)
-        results = trainer.fit()
-    except (ConfigError, ValueError, FileNotFoundError, TrainingDiverged) as err:
-        _fail(str(err))
+    if resume_dir:
+        if args:
+            _fail("--resume continues a run with its own config.yaml; give no config or overrides with it")
+        trainer = Trainer.resume(Path(resume_dir))
+    else:
+        config = _load(args)
+        run_dir = new_run_dir(config)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            _fail(f"run directory {run_dir} already exists: continue it with --resume {run_dir}, or set name=...")
+        trainer = Trainer(config, run_dir)
+    results = trainer.fit()
     click.echo((trainer.run_dir / "results.md").read_text())
     click.echo(f"run directory: {trainer.run_dir} (best checkpoint: {results['checkpoint']})")
 
@@ -77,10 +105,7 @@ def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str |
     from dualhead.vqa.metrics import format_metrics_table
 
     data = DataConfig(format=data_format, root=root) if data_format else None
-    try:
-        result = evaluate_checkpoints([run, *ensemble], split=split, data=data, device=device)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    result = evaluate_checkpoints([run, *ensemble], split=split, data=data, device=device)
     metrics = {k: v for k, v in result["metrics"].items() if k != "binary_confusion"}
     title = f"{result['dataset']} {split}" + (f", ensemble of {len(result['checkpoints'])}" if len(result["checkpoints"]) > 1 else "")
     click.echo(format_metrics_table(metrics, title))
@@ -93,53 +118,70 @@ def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str |
 @click.option("--image", type=click.Path(exists=True, dir_okay=False), help="The image to ask about.")
 @click.option("--question", help="The question.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), help="JSONL of {image, question} to answer.")
-@click.option("--top-k", default=5, show_default=True)
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Answers listed per question.")
 def predict(checkpoint: str, image: str | None, question: str | None, input_path: str | None, top_k: int) -> None:
-    """Answer questions with a trained model: one (--image, --question) or many (--input file.jsonl)."""
+    """Answer questions with a trained model: one (--image, --question) or many (--input file.jsonl).
+
+    With --input, a bad line (not JSON, a missing field, an image that cannot be read) is reported
+    with its line number on stderr and the other lines are still answered; the exit code is 1 then.
+    """
     from dualhead.vqa.evaluate import resolve_checkpoint
     from dualhead.vqa.model import DualHeadVQA
 
-    if input_path:
-        if image or question:
-            _fail("use either --input or --image with --question, not both")
-        queries = _read_queries(Path(input_path))
-    elif image and question:
-        queries = [{"image": image, "question": question}]
-    else:
+    if input_path and (image or question):
+        _fail("use either --input or --image with --question, not both")
+    if not input_path and not (image and question):
         _fail("give --image and --question, or --input file.jsonl")
-    try:
-        model = DualHeadVQA.from_pretrained(resolve_checkpoint(checkpoint))
-        answers = []
-        for start in range(0, len(queries), PREDICT_CHUNK):
-            chunk = queries[start : start + PREDICT_CHUNK]
-            answers += model.answer([q["image"] for q in chunk], [q["question"] for q in chunk], top_k=top_k)
-    except (ValueError, FileNotFoundError) as err:
-        _fail(str(err))
-    for query, answer in zip(queries, answers, strict=True):
-        if input_path:
-            click.echo(json.dumps({**query, "answer": answer.answer, "head": answer.head, "probability": answer.probability, "top": answer.top}))
-        else:
-            click.echo(f"answer: {answer.answer}  (head: {answer.head}, probability {answer.probability:.3f})")
-            for rank, (name, prob) in enumerate(answer.top, 1):
-                click.echo(f"  {rank}. {name:<30} {prob:.3f}")
+    model = DualHeadVQA.from_pretrained(resolve_checkpoint(checkpoint))
+    if not input_path:
+        answer = model.answer([image], [question], top_k=top_k)[0]
+        click.echo(f"answer: {answer.answer}  (head: {answer.head}, probability {answer.probability:.3f})")
+        for rank, (name, prob) in enumerate(answer.top, 1):
+            click.echo(f"  {rank}. {name:<30} {prob:.3f}")
+        return
+    queries, failures = _read_queries(Path(input_path))
+    for start in range(0, len(queries), PREDICT_CHUNK):
+        chunk = queries[start : start + PREDICT_CHUNK]
+        try:
+            answers = model.answer([q["image"] for q in chunk], [q["question"] for q in chunk], top_k=top_k)
+        except (ValueError, OSError):  # one bad image: answer the chunk's lines one by one to name it
+            answers = []
+            for query in chunk:
+                try:
+                    answers += model.answer([query["image"]], [query["question"]], top_k=top_k)
+                except (ValueError, OSError) as error:
+                    failures.append(f"{input_path} line {query['line']}: {describe(error)}")
+                    answers.append(None)
+        for query, answer in zip(chunk, answers, strict=True):
+            if answer is not None:
+                click.echo(json.dumps({**query, "answer": answer.answer, "head": answer.head,
+                                       "probability": answer.probability, "top": answer.top}))
+    for failure in failures:
+        click.echo(failure, err=True)
+    if failures:
+        click.echo(f"{len(failures)} line(s) of {input_path} failed", err=True)
+        sys.exit(1)
 
 
-def _read_queries(path: Path) -> list[dict]:
-    """{image, question} per line; image paths relative to the file's folder."""
-    queries = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+def _read_queries(path: Path) -> tuple[list[dict], list[str]]:
+    """{image, question, line} per valid line (image paths relative to the file's folder), and one
+    message per bad line."""
+    queries, failures = [], []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            _fail(f"{path} line {number}: not valid JSON ({err.msg})")
-        missing = [key for key in ("image", "question") if not isinstance(row, dict) or not row.get(key)]
-        if missing:
-            _fail(f"{path} line {number}: missing {', '.join(missing)}")
+            failures.append(f"{path} line {number}: not valid JSON ({err.msg})")
+            continue
+        wrong = [key for key in ("image", "question") if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip()]
+        if wrong:
+            failures.append(f"{path} line {number}: {', '.join(wrong)} missing or not text")
+            continue
         image = Path(row["image"])
-        queries.append({"image": str(image if image.is_absolute() else path.parent / image), "question": row["question"]})
-    return queries
+        queries.append({"image": str(image if image.is_absolute() else path.parent / image), "question": row["question"], "line": number})
+    return queries, failures
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -155,17 +197,14 @@ def params(args: tuple[str, ...], vision: str | None, text: str | None, answers:
 
     extra = [f"model.vision.name={vision}"] if vision else []
     extra += [f"model.text.name={text}"] if text else []
-    try:
-        config = _load(args, extra)
-        if config.model.vision.name != "efficientnet_lite0" and config.model.vision.weights == "offline":
-            config.model.vision.weights = "none"  # counting parameters needs no weights
-        if answers is not None:
-            vocab = AnswerVocab([f"answer {i}" for i in range(answers)])
-        else:
-            vocab = AnswerVocab.from_records(load_splits(config.data).train, config.data.min_answer_count, config.data.max_answers)
-        model = DualHeadVQA(config.model, vocab)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    config = _load(args, extra)
+    if config.model.vision.name != "efficientnet_lite0" and config.model.vision.weights == "offline":
+        config.model.vision.weights = "none"  # counting parameters needs no weights
+    if answers is not None:
+        vocab = AnswerVocab([f"answer {i}" for i in range(answers)])
+    else:
+        vocab = AnswerVocab.from_records(load_splits(config.data).train, config.data.min_answer_count, config.data.max_answers)
+    model = DualHeadVQA(config.model, vocab)
     click.echo(format_parameter_table(model))
 
 
@@ -174,19 +213,16 @@ def _study_command(study: str, help_text: str, default_seeds: int):
 
     @main.command(study_commands[study], help=help_text, context_settings={"ignore_unknown_options": True})
     @click.argument("args", nargs=-1)
-    @click.option("--seeds", default=default_seeds, show_default=True, help="Seeds 0..N-1 for every configuration.")
+    @click.option("--seeds", default=default_seeds, show_default=True, type=click.IntRange(min=1),
+                  help="Seeds 0..N-1 for every configuration.")
     @click.option("--out", type=click.Path(file_okay=False), help="Study directory (default: <output_dir>/<study>-<format>).")
     @click.option("--only", multiple=True, help="Run only these configurations (repeatable), by name.")
     def command(args: tuple[str, ...], seeds: int, out: str | None, only: tuple[str, ...]) -> None:
-        from dualhead.core.trainer import TrainingDiverged
         from dualhead.vqa.studies import format_report, run_study
 
-        try:
-            config = _load(args)
-            out_dir = Path(out) if out else Path(config.output_dir) / f"{study}-{config.data.format}"
-            report = run_study(study, config, list(range(seeds)), out_dir, only)
-        except (ConfigError, ValueError, FileNotFoundError, TrainingDiverged) as err:
-            _fail(str(err))
+        config = _load(args)
+        out_dir = Path(out) if out else Path(config.output_dir) / f"{study}-{config.data.format}"
+        report = run_study(study, config, list(range(seeds)), out_dir, only)
         click.echo(format_report(report))
         click.echo(f"\nwritten: {out_dir / study}.md, .json, .png (runs under {out_dir})")
 
@@ -221,20 +257,30 @@ def data() -> None:
 @click.option("--lang", default="en", show_default=True, help="SLAKE question language (en, zh, all).")
 @click.option("--check-images", is_flag=True, help="Decode every image and report the ones that fail.")
 @click.option("--skip-invalid", is_flag=True, help="Skip malformed records (counted by reason) instead of failing.")
-@click.option("--min-answer-count", default=1, show_default=True)
-def data_summary(data_format: str, root: str | None, lang: str, check_images: bool, skip_invalid: bool, min_answer_count: int) -> None:
+@click.option("--min-answer-count", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-length", type=click.IntRange(min=1),
+              help="Count questions longer than this many tokens of the default question encoder (truncated in training).")
+def data_summary(data_format: str, root: str | None, lang: str, check_images: bool, skip_invalid: bool,
+                 min_answer_count: int, max_length: int | None) -> None:
     """Counts per split, task and answer type; vocabulary coverage; rejected records."""
     from dualhead.vqa.config import DataConfig
-    from dualhead.vqa.data import AnswerVocab, DataError, load_splits
+    from dualhead.vqa.data import AnswerVocab, load_splits
     from dualhead.vqa.data.summary import format_summary, summarize
 
     config = DataConfig(format=data_format, root=root, lang=lang, skip_invalid=skip_invalid, min_answer_count=min_answer_count)
-    try:
-        splits = load_splits(config)
-        vocab = AnswerVocab.from_records(splits.train, min_answer_count)
-        click.echo(format_summary(summarize(splits, vocab, check_images=check_images)))
-    except (DataError, ValueError, FileNotFoundError) as err:
-        _fail(str(err))
+    splits = load_splits(config)
+    vocab = AnswerVocab.from_records(splits.train, min_answer_count)
+    tokenize = None
+    if max_length is not None:
+        from transformers import AutoTokenizer
+
+        from dualhead.backbones.text import minilm_path
+
+        tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+
+        def tokenize(question: str) -> list[int]:  # special tokens included, as the encoder sees them
+            return tokenizer(question)["input_ids"]
+    click.echo(format_summary(summarize(splits, vocab, check_images=check_images, tokenize=tokenize, max_length=max_length)))
 
 
 @main.command()

@@ -8,6 +8,7 @@ routed answers); the defaults fit models whose tasks each read ``output.predicti
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -18,9 +19,20 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dualhead.core.config import config_to_dict
 from dualhead.core.model import MultiTaskModel, MultiTaskOutput
 from dualhead.core.runtime import autocast_context
 from dualhead.core.task import Task
+
+
+def dict_differences(saved: Any, current: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, current value) wherever two nested dicts differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        found = []
+        for key in sorted(set(saved) | set(current), key=str):
+            found += dict_differences(saved.get(key), current.get(key), f"{prefix}{key}.")
+        return found
+    return [] if saved == current else [(prefix.rstrip("."), saved, current)]
 
 
 def inference(model: nn.Module, loader: Iterable[Any], step: Callable[[Any], Any], progress: bool = False) -> Iterator[Any]:
@@ -81,6 +93,22 @@ class Experiment:
         for name, task in self.tasks.items():
             directions.update({f"{name}/{metric}": higher for metric, higher in task.metrics.items()})
         return directions
+
+    def check_checkpoint(self, directory: Path) -> None:
+        """Refuse a checkpoint this experiment's model would load wrongly: the model configuration
+        saved with it must be the one rebuilt from the run's config (an error names each key)."""
+        saved_file = Path(directory) / "config.json"
+        try:
+            saved = json.loads(saved_file.read_text(encoding="utf-8")).get("model")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"cannot read the checkpoint's model configuration {saved_file}: {err}") from None
+        current = config_to_dict(self.model.config) if hasattr(self.model, "config") else None
+        differences = sorted(dict_differences(saved, current)) if saved is not None and current is not None else []
+        if differences:
+            raise ValueError(
+                f"the checkpoint {directory} does not fit this run's configuration: "
+                + "; ".join(f"model.{key}: checkpoint {a!r}, run {b!r}" for key, a, b in differences)
+            )
 
     def default_balancer_options(self, balancer: str) -> dict[str, Any]:
         """Options a balancer gets when ``train.balancer_options`` is empty."""

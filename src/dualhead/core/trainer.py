@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from dualhead.core.applications import get_application
 from dualhead.core.checkpoints import (
+    TRAINER_STATE_FILE,
     load_trainer_state,
     recover_interrupted,
     rng_state,
@@ -152,14 +153,27 @@ class Trainer:
         if not (run_dir / "last").exists():
             log.warning("%s has no checkpoint yet: training starts from the beginning", run_dir)
             return trainer
+        trainer.experiment.check_checkpoint(run_dir / "last")
         state = load_trainer_state(run_dir / "last")
         trainer.model.load_weights(run_dir / "last", trainer.device)
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.balancer.load_state_dict(state["balancer"])
         trainer.state = state["progress"]
+        trainer._recover_best()
         set_rng_state(state["rng"])
         return trainer
+
+    def _recover_best(self) -> None:
+        """A run killed between saving `best/` and `last/` has a `best/` newer than `last/` knows:
+        keep its score, so a worse model never overwrites it."""
+        best_dir = self.run_dir / "best"
+        if not (best_dir / TRAINER_STATE_FILE).is_file():
+            return
+        saved = load_trainer_state(best_dir)["progress"].get("best")
+        current = self.state["best"]
+        if saved is not None and (current is None or (saved > current if self.higher_is_better else saved < current)):
+            self.state["best"] = saved
 
     def save(self, name: str) -> None:
         """Checkpoint the model and everything needed to resume into ``run_dir/name``."""

@@ -7,6 +7,7 @@ the reference schedule of task weights, and scoring with routed and oracle accur
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from dualhead.vqa.data import AnswerVocab, ImageStore, VQARecord, VQASplits, loa
 from dualhead.vqa.data.batching import GroupedBatchSampler, VQABatch, VQACollator
 from dualhead.vqa.features import EncoderFeatureCache, model_inputs
 from dualhead.vqa.metrics import HeadProbabilities, binary_confusion, format_metrics_table, score
-from dualhead.vqa.model import DualHeadOutput, DualHeadVQA
+from dualhead.vqa.model import ANSWERS_FILE, DualHeadOutput, DualHeadVQA
 from dualhead.vqa.plots import plot_confusion
 from dualhead.vqa.tasks import build_tasks, router_loss
 
@@ -66,6 +67,28 @@ class VQAExperiment(Experiment):
     @property
     def metric_directions(self) -> dict[str, bool]:
         return dict.fromkeys(VALIDATION_METRICS, True)
+
+    def check_checkpoint(self, directory: Path) -> None:
+        """The model configuration, and the answer vocabulary in the same order: a reordered or new
+        answer would silently mislabel every prediction."""
+        super().check_checkpoint(directory)
+        answers_file = Path(directory) / ANSWERS_FILE
+        try:
+            saved = AnswerVocab.from_json(json.loads(answers_file.read_text(encoding="utf-8"))).open_answers
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot read the checkpoint's answer vocabulary {answers_file}: {err}") from None
+        current = self.vocab.open_answers
+        if saved != current:
+            position = next((i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b), min(len(saved), len(current)))
+
+            def at(answers: list[str]) -> str:
+                return repr(answers[position]) if position < len(answers) else "nothing"
+
+            raise ValueError(
+                f"the answer vocabulary rebuilt from the data differs from the checkpoint's ({answers_file}): at "
+                f"position {position} the checkpoint has {at(saved)}, the data gives {at(current)} "
+                f"({len(saved)} vs {len(current)} open answers); has the dataset changed since the run started?"
+            )
 
     def default_balancer_options(self, balancer: str) -> dict[str, Any]:
         if balancer != "fixed" or self.config.model.single_head:  # one task: the schedule's tasks do not apply

@@ -107,7 +107,7 @@ def train_or_resume(config: RunConfig, run_dir: Path, measure: Callable[[Trainer
     if result_file.is_file():
         log.info("%s is finished: not trained again", run_dir)
         return json.loads(result_file.read_text())
-    resumed = (run_dir / "last").is_dir()
+    resumed = saved.is_file()  # resume recovers an interrupted checkpoint swap, or starts a run that has none
     if resumed:
         log.info("resuming %s", run_dir)
         trainer = Trainer.resume(run_dir)
