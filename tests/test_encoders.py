@@ -155,6 +155,7 @@ def test_hub_failure_says_network_is_needed(monkeypatch):
         build_vision_encoder(tiny_vision(weights="hub"))
 
 
+@pytest.mark.slow
 def test_offline_efficientnet_lite0_classifies_imagenet_photos():
     model = timm.create_model("tf_efficientnet_lite0")  # full classifier, TF conventions of the weights
     load_offline_efficientnet_lite0(model)
@@ -263,6 +264,7 @@ def test_text_errors_are_clear(tmp_path):
         build_text_encoder(TextConfig(name="minilm", num_layers=2))
 
 
+@pytest.mark.slow
 def test_minilm_loads_without_network_and_ranks_paraphrases(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the text encoder tried to open a network connection")

@@ -85,6 +85,7 @@ def test_variants_are_valid_configs_and_say_where_weights_come_from():
     assert encoder_weights(vit) == "vit_base_patch16_224: random init; bert-base: random init"
 
 
+@pytest.mark.slow
 def test_ablate_runs_all_five_rows_end_to_end_and_resumes_without_retraining(shapes_root, tmp_path, monkeypatch):
     config_file = tmp_path / "tiny.yaml"
     save_config(tiny_run_config(shapes_root, tmp_path / "runs", epochs=2, frozen_warmup_epochs=1), config_file)

@@ -140,6 +140,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(sha
     assert all(torch.equal(kept[k], after[k]) for k in kept)
 
 
+@pytest.mark.slow
 def test_run_killed_mid_epoch_resumes_to_the_same_result(shapes_root, tmp_path):
     """Kill a real `dualhead train` process after a mid-epoch checkpoint; `--resume` must finish the
     run and end with the same weights as an uninterrupted run of the same seed."""
@@ -219,6 +220,7 @@ def test_bf16_autocast_training_with_gradient_diagnostics(shapes_root, tmp_path)
     assert 0.0 <= results["test"]["accuracy"] <= 1.0
 
 
+@pytest.mark.slow
 def test_a_few_hundred_steps_on_easy_vqa_stop_resume_evaluate_predict(tmp_path):
     """The default dataset end to end: train (stopped by Ctrl-C half way), resume, evaluate, predict."""
     from dualhead.core.config import load_config
