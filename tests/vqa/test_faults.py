@@ -21,7 +21,7 @@ from dualhead.vqa.data import AnswerVocab, DataError, jsonl, pathvqa, slake, vqa
 from dualhead.vqa.data.images import CACHE_BYTES, MAX_PIXELS, ImagePreprocessor, ImageStore, load_rgb
 from dualhead.vqa.data.records import UNSAFE_TEXT
 from dualhead.vqa.data.summary import format_summary, summarize
-from tests.test_datasets import write_pathvqa, write_slake, write_vqa_rad, write_vqa_v2
+from tests.vqa.test_datasets import write_pathvqa, write_slake, write_vqa_rad, write_vqa_v2
 
 
 def _rows(root: Path, rows: list, name: str = "train.jsonl") -> None:

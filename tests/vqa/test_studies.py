@@ -14,8 +14,7 @@ from dualhead.core.trainer import Trainer, staged_cosine
 from dualhead.vqa import studies
 from dualhead.vqa.data import load_splits
 from dualhead.vqa.studies import ABLATION, COMPARISON, combine_task_models, encoder_weights, head_accuracies
-
-from .conftest import tiny_run_config
+from tests.conftest import tiny_run_config
 
 
 def test_data_tasks_keeps_one_tasks_questions_in_every_split(shapes_root, tmp_path):
