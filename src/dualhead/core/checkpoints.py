@@ -62,11 +62,13 @@ def save_checkpoint(directory: Path, model, trainer_state: dict[str, Any]) -> No
 
 
 def _fsync_tree(directory: Path) -> None:
-    """Flush every file of a freshly written checkpoint, then the directory itself."""
-    for path in directory.iterdir():
+    """Flush every file of a freshly written checkpoint, then its directories."""
+    for path in sorted(directory.rglob("*"), key=lambda p: -len(p.parts)):
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+        else:
+            fsync_dir(path)
     fsync_dir(directory)
 
 

@@ -208,7 +208,7 @@ def make_loader(
     """A DataLoader of grouped `VQABatch`es for `model`, loading only inputs the cache lacks."""
     collator = VQACollator(
         model.vocab,
-        store,
+        store.for_workers(num_workers) if num_workers > 0 else store,
         model.text.tokenize,
         augment=augment,
         soft_targets=soft_targets,

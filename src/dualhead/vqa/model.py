@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dualhead.backbones.freeze import freeze_module
-from dualhead.backbones.text import build_text_encoder
+from dualhead.backbones.text import build_text_encoder, text_encoder_from_files
 from dualhead.backbones.vision import build_vision_encoder
 from dualhead.core.config import config_from_dict, config_to_dict
 from dualhead.core.model import MultiTaskModel
@@ -32,6 +32,7 @@ from dualhead.vqa.metrics import HeadProbabilities, route_to_binary
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+TEXT_DIR = "text_encoder"  # the text encoder's architecture and tokenizer
 ANSWERS_FILE = "answers.json"
 SINGLE = "single"  # the head name of a single-head model's answers
 SINGLE_TASK = "answer"  # its task name
@@ -81,12 +82,14 @@ class DualHeadVQA(MultiTaskModel):
     representation_shared_by_tasks = False
     representation_key = "fused"
 
-    def __init__(self, config: ModelConfig, vocab: AnswerVocab):
+    def __init__(self, config: ModelConfig, vocab: AnswerVocab, text_files: Path | None = None):
+        """`text_files`: a checkpoint's saved text architecture and tokenizer (see `save_pretrained`),
+        used instead of `config.text`'s source, which may not exist on this machine."""
         super().__init__()
         self.config = config
         self.vocab = vocab
         self.vision = build_vision_encoder(config.vision)
-        self.text = build_text_encoder(config.text)
+        self.text = text_encoder_from_files(text_files, config.text) if text_files else build_text_encoder(config.text)
         if config.vision.freeze:
             freeze_module(self.vision)
         if config.text.freeze:
@@ -185,11 +188,13 @@ class DualHeadVQA(MultiTaskModel):
     # -- persistence ------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Config JSON, safetensors weights and the answer vocabulary; no pickle."""
+        """Config JSON, safetensors weights, the answer vocabulary and the text encoder's architecture
+        and tokenizer (so a model whose encoder came from a local directory loads anywhere); no pickle."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps({"model": config_to_dict(self.config)}, indent=2))
         (directory / ANSWERS_FILE).write_text(json.dumps(self.vocab.to_json(), indent=2))
+        self.text.save_files(directory / TEXT_DIR)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
 
@@ -204,7 +209,8 @@ class DualHeadVQA(MultiTaskModel):
         # The saved state holds the encoder weights: build the vision architecture without its source.
         config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, weights="none"))
         vocab = AnswerVocab.from_json(json.loads((directory / ANSWERS_FILE).read_text()))
-        model = cls(config, vocab)
+        text_files = directory / TEXT_DIR
+        model = cls(config, vocab, text_files if text_files.is_dir() else None)
         model.load_weights(directory, map_location)
         return model.to(map_location)
 

@@ -32,6 +32,7 @@ from dualhead.core.io import atomic_write_json, atomic_write_text
 from dualhead.core.plots import read_metrics
 from dualhead.core.trainer import Trainer
 from dualhead.vqa.config import VQARunConfig as RunConfig
+from dualhead.vqa.data import load_splits
 from dualhead.vqa.data.records import BINARY, OPEN, VQARecord
 from dualhead.vqa.model import DualHeadVQA
 from dualhead.vqa.plots import plot_study
@@ -218,6 +219,8 @@ def run_study(
     unknown = set(only) - {v.name for v in STUDIES[study]}
     if unknown:
         raise ValueError(f"unknown {study} variant(s) {sorted(unknown)}; choose from {[v.name for v in STUDIES[study]]}")
+    if not load_splits(base.data, seed=base.train.seed).test:
+        raise ValueError(f"a {study} reports test accuracy, but the {base.data.format} data has no test split")
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for variant in variants:

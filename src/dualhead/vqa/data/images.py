@@ -186,6 +186,12 @@ class ImageStore:
         self.cached_bytes = 0
         self._images: OrderedDict[Path, torch.Tensor] = OrderedDict()
 
+    def for_workers(self, workers: int) -> ImageStore:
+        """An empty store for DataLoader worker processes: each worker holds its own copy, so each
+        gets an equal share of this store's byte budget and together they stay within it."""
+        budget = None if self.max_bytes is None else self.max_bytes // max(workers, 1)
+        return ImageStore(self.preprocessor, cache=self.cache, max_bytes=budget, max_pixels=self.max_pixels)
+
     def get(self, path: str | Path, source: str = "") -> torch.Tensor:
         """The image at `path` as uint8 [3, S, S]; `source` names the record for error messages."""
         path = Path(path)
