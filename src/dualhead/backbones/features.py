@@ -16,7 +16,7 @@ import timm
 from torch import Tensor, nn
 
 from dualhead.backbones.config import VisionConfig
-from dualhead.backbones.freeze import freeze_module, is_frozen
+from dualhead.backbones.freeze import batchnorm_eval, freeze_module, is_frozen
 from dualhead.backbones.vision import _create_timm_model, _timm_arch
 
 #: Strides 4, 8, 16 and 32 for most timm CNNs (index 0 is stride 2).
@@ -41,9 +41,7 @@ class FeatureBackbone(nn.Module):
         """With `norm_eval`, batch-norm layers keep their running statistics while the rest trains."""
         super().train(mode)
         if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            batchnorm_eval(self)
         return self
 
     @property

@@ -33,3 +33,11 @@ def unfreeze_module(module: nn.Module) -> nn.Module:
 def is_frozen(module: nn.Module) -> bool:
     """Whether `freeze_module` was applied to `module`."""
     return isinstance(module.__dict__.get("train"), _EvalOnlyTrain)
+
+
+def batchnorm_eval(module: nn.Module) -> None:
+    """Put every batch-norm layer of `module` in eval mode: they keep their running statistics (few
+    distinct images per batch make poor batch statistics) while the rest of `module` trains."""
+    for child in module.modules():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            child.eval()

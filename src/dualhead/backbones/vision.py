@@ -18,7 +18,7 @@ from timm.models import load_state_dict as timm_load_state_dict
 from torch import Tensor, nn
 
 from dualhead.backbones.config import VisionConfig
-from dualhead.backbones.freeze import freeze_module, is_frozen
+from dualhead.backbones.freeze import batchnorm_eval, freeze_module, is_frozen
 
 # Names whose timm architecture differs from the name. The offline EfficientNet-Lite0 weights are a
 # port of Google's TensorFlow release, which pads like TensorFlow ("same") and uses batch-norm eps
@@ -174,9 +174,7 @@ class VisionEncoder(nn.Module):
         """With `norm_eval`, batch-norm layers keep their running statistics while the rest trains."""
         super().train(mode)
         if mode and self.norm_eval:
-            for module in self.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
+            batchnorm_eval(self)
         return self
 
     @property
