@@ -100,6 +100,7 @@ def train(args: tuple[str, ...], resume_dir: str | None) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
 def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str | None, root: str | None, device: str, json_path: str | None) -> None:
     """Accuracy of a run or checkpoint (or an ensemble) on a split: overall, per head, per answer type, routing."""
+    from dualhead.core.io import atomic_write_json
     from dualhead.vqa.config import DataConfig
     from dualhead.vqa.evaluate import evaluate_checkpoints
     from dualhead.vqa.metrics import format_metrics_table
@@ -110,7 +111,7 @@ def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str |
     title = f"{result['dataset']} {split}" + (f", ensemble of {len(result['checkpoints'])}" if len(result["checkpoints"]) > 1 else "")
     click.echo(format_metrics_table(metrics, title))
     if json_path:
-        Path(json_path).write_text(json.dumps(result, indent=2))
+        atomic_write_json(Path(json_path), result)
 
 
 @main.command()

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dualhead.vqa.data import AnswerVocab, DataError, jsonl, pathvqa, slake, vqa_rad, vqa_v2
+from dualhead.vqa.config import DataConfig
+from dualhead.vqa.data import AnswerVocab, DataError, jsonl, load_splits, pathvqa, slake, vqa_rad, vqa_v2
 from dualhead.vqa.data.images import CACHE_BYTES, MAX_PIXELS, ImagePreprocessor, ImageStore, load_rgb
 from dualhead.vqa.data.records import UNSAFE_TEXT
 from dualhead.vqa.data.summary import format_summary, summarize
@@ -101,6 +102,8 @@ def test_jsonl_image_outside_the_dataset_is_refused(tmp_path, outside, kind):
     ]
     allowed = jsonl.load(root, allow_outside_root=True, val_fraction=0.0)
     assert [r.image.resolve() for r in allowed.train][-1] == outside.resolve()
+    from_config = load_splits(DataConfig(format="jsonl", root=str(root), val_fraction=0.0, allow_outside_root=True))
+    assert [r.image.resolve() for r in from_config.train][-1] == outside.resolve()
 
 
 def test_every_format_refuses_images_outside_its_folder(tmp_path, outside):

@@ -45,6 +45,9 @@ class DataConfig:
     min_answer_count: int = 1
     max_answers: int | None = None
     skip_invalid: bool = False
+    # Image paths that resolve outside data.root (../x, absolute paths, symlinks out) are refused
+    # unless this is set (a symlinked image folder, a shared image store).
+    allow_outside_root: bool = False
     # Keep only these tasks' questions (binary, open) in every split: a single-task model, as in
     # the 'Separate models' ablation. None keeps all.
     tasks: list[str] | None = None
@@ -56,6 +59,7 @@ class DataConfig:
     num_workers: int = 0
     augment: bool = False
     cache_images: bool = True
+    image_cache_bytes: int | None = 1073741824  # bound of the decoded-image cache (null: unbounded)
 
 
 @dataclass

@@ -53,7 +53,7 @@ class VQAExperiment(Experiment):
         self.soft_targets = any(r.answer_scores for r in self.splits.train)
         model = DualHeadVQA(config.model, self.vocab)
         super().__init__(config, model, build_tasks(train_cfg, self.vocab, self.splits.train, config.model.single_head, self.soft_targets))
-        self.store = ImageStore(model.preprocessor, cache=config.data.cache_images)
+        self.store = ImageStore(model.preprocessor, cache=config.data.cache_images, max_bytes=config.data.image_cache_bytes)
         self._sampler = GroupedBatchSampler(
             self.splits.train, config.data.batch_size, config.data.questions_per_image, shuffle=True, seed=train_cfg.seed
         )

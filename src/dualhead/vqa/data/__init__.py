@@ -39,7 +39,7 @@ def load_splits(config: DataConfig, seed: int = 0) -> VQASplits:
     if config.lang != "en" and "lang" not in accepted:
         raise ValueError(f"data.lang={config.lang!r} applies to slake only, not {config.format!r}")
     options = {"lang": config.lang, "val_fraction": config.val_fraction, "seed": seed,
-               "skip_invalid": config.skip_invalid}  # fmt: skip
+               "skip_invalid": config.skip_invalid, "allow_outside_root": config.allow_outside_root}  # fmt: skip
     root = Path(config.root) if config.root is not None else None
     splits = loader(root, **{name: value for name, value in options.items() if name in accepted})
     if config.tasks is not None:
