@@ -43,19 +43,29 @@ def describe(error: BaseException) -> str:
     return text
 
 
-class UserErrorsAsMessages(click.Group):
-    """Errors a user can cause (bad options, files, data, weights; a full disk) end the command
-    with one line instead of a traceback; ``--debug`` shows the traceback."""
+def is_user_error(error: BaseException) -> bool:
+    """Errors a user causes: bad options, configs, data, files or weights, a diverged run, a full disk.
+    Programming errors (a graph backpropagated twice, a missing method, a bad lookup) are not."""
+    from dualhead.core.trainer import TrainingDiverged
 
-    USER_ERRORS = (ValueError, OSError, RuntimeError, KeyError, pickle.UnpicklingError, SafetensorError)
+    if isinstance(error, NotImplementedError):
+        return False
+    if isinstance(error, ValueError | OSError | ImportError | pickle.UnpicklingError | SafetensorError | TrainingDiverged):
+        return True
+    # torch reports mismatched weights and unreadable checkpoint files as RuntimeErrors
+    return isinstance(error, RuntimeError) and any(mark in str(error) for mark in ("state_dict", "PytorchStreamReader"))
+
+
+class UserErrorsAsMessages(click.Group):
+    """User errors end the command with one line instead of a traceback; ``--debug`` shows it."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except self.USER_ERRORS as error:
-            if (ctx.obj or {}).get("debug"):
+        except Exception as error:
+            if (ctx.obj or {}).get("debug") or not is_user_error(error):
                 raise
-            raise click.ClickException(describe(error)) from error
+            raise click.ClickException(f"{describe(error)} (dualhead --debug ... shows the traceback)") from error
 
 
 @click.group(cls=UserErrorsAsMessages)
@@ -168,11 +178,14 @@ def _read_queries(path: Path) -> tuple[list[dict], list[str]]:
     """{image, question, line} per valid line (image paths relative to the file's folder), and one
     message per bad line."""
     queries, failures = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
+    for number, raw in enumerate(path.read_bytes().split(b"\n"), 1):  # JSON may hold U+2028 unescaped
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            failures.append(f"{path} line {number}: not UTF-8 text ({err.reason} at byte {err.start})")
+            continue
         except json.JSONDecodeError as err:
             failures.append(f"{path} line {number}: not valid JSON ({err.msg})")
             continue

@@ -197,7 +197,7 @@ class Experiment:
         for split, metrics in results.items():
             if not isinstance(metrics, Mapping):
                 continue
-            lines += [f"### {split} ({results.get('checkpoint_name', 'best')})", "", "| metric | value |", "| --- | ---: |"]
+            lines += [f"### {split} ({Path(results['checkpoint']).name})", "", "| metric | value |", "| --- | ---: |"]
             lines += [f"| {key} | {value:.4f} |" for key, value in metrics.items() if isinstance(value, int | float)]
             lines.append("")
         return "\n".join(lines)

@@ -63,6 +63,8 @@ class Trainer:
     """Trains an `Experiment`'s model as `config.train` says, writing everything into `run_dir`."""
 
     def __init__(self, config: RunConfig, run_dir: Path | str, experiment: Experiment | None = None):
+        """`experiment`: one built beforehand (tests, benchmarks); otherwise the application builds it
+        after seeding, so its model's initialisation follows ``train.seed``."""
         self.config = config
         self.run_dir = Path(run_dir)
         cfg = config.train
@@ -83,12 +85,13 @@ class Trainer:
         self.scheduler = self._build_scheduler()
         self.state: dict[str, Any] = {"epoch": 0, "batches_done": 0, "step": 0, "best": None, "bad_epochs": 0, "stopped": False}
         self.writer: SummaryWriter | None = None
+        self._recovered_best_step: int | None = None
 
     # -- construction -----------------------------------------------------------------------------
 
     def _build_balancer(self):
         cfg = self.config.train
-        options = dict(cfg.balancer_options) or self.experiment.default_balancer_options(cfg.balancer)
+        options = {**self.experiment.default_balancer_options(cfg.balancer), **cfg.balancer_options}
         balancer = build_balancer(cfg.balancer, self.experiment.task_names, **options)
         if getattr(balancer, "mode", None) == "representation" and not self.model.representation_shared_by_tasks:
             raise ValueError(
@@ -170,10 +173,12 @@ class Trainer:
         best_dir = self.run_dir / "best"
         if not (best_dir / TRAINER_STATE_FILE).is_file():
             return
-        saved = load_trainer_state(best_dir)["progress"].get("best")
-        current = self.state["best"]
-        if saved is not None and (current is None or (saved > current if self.higher_is_better else saved < current)):
+        progress = load_trainer_state(best_dir)["progress"]
+        saved, current = progress.get("best"), self.state["best"]
+        if saved is not None and (current is None or self._better(saved, current)):
             self.state["best"] = saved
+            # the resumed run repeats the epoch that scored it: equalling it there is no bad epoch
+            self._recovered_best_step = progress["step"]
 
     def save(self, name: str) -> None:
         """Checkpoint the model and everything needed to resume into ``run_dir/name``."""
@@ -304,7 +309,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state["step"] += 1
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             self._diverged(f"non-finite weights after the optimiser step at {where}")
 
     def _diverged(self, message: str) -> None:
@@ -318,10 +323,10 @@ class Trainer:
             return {}
         metrics = self.experiment.evaluate("val")
         value = metrics.get(self.metric)
-        if value is None:
-            raise ValueError(f"validation produced no {self.metric!r} (train.metric); it produced {', '.join(metrics)}")
         best = self.state["best"]
-        if best is None or (value > best if self.higher_is_better else value < best):
+        if value is None:  # e.g. no validation question of the task the metric scores
+            log.warning("validation gave no %s this epoch: best/ not updated", self.metric)
+        elif best is None or self._better(value, best) or (value == best and self.state["step"] == self._recovered_best_step):
             self.state["best"] = value
             self.state["bad_epochs"] = 0
             self.save("best")
@@ -332,6 +337,9 @@ class Trainer:
                 log.info("early stopping after epoch %d: no better val %s for %d epochs", epoch + 1, self.metric, patience)
                 self.state["stopped"] = True
         return {f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.higher_is_better else value < than
 
     def _finish(self) -> dict[str, Any]:
         """Evaluate the best checkpoint (or the last, without validation data) on val and test; plot."""
@@ -369,8 +377,8 @@ def validate_train_config(cfg) -> None:
         raise ValueError(f"train.max_steps must be >= 1 or null, got {cfg.max_steps}")
     if cfg.grad_accum < 1:
         raise ValueError(f"train.grad_accum must be >= 1, got {cfg.grad_accum}")
-    if cfg.grad_clip is not None and cfg.grad_clip <= 0:
-        raise ValueError(f"train.grad_clip must be > 0 or null, got {cfg.grad_clip}")
+    if cfg.grad_clip is not None and cfg.grad_clip < 0:
+        raise ValueError(f"train.grad_clip must be >= 0 (0 or null: no clipping), got {cfg.grad_clip}")
     if cfg.finetune_schedule not in ("continue", "restart"):
         raise ValueError(f"unknown train.finetune_schedule {cfg.finetune_schedule!r}; choose continue or restart")
     if cfg.precision not in ("bf16", "fp32"):

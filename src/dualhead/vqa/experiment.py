@@ -66,7 +66,16 @@ class VQAExperiment(Experiment):
 
     @property
     def metric_directions(self) -> dict[str, bool]:
-        return dict.fromkeys(VALIDATION_METRICS, True)
+        """The validation metrics this run's model and data can produce (all higher-is-better)."""
+        model, tasks = self.config.model, self.config.data.tasks
+        produced = {"accuracy", "oracle_accuracy"}
+        if not model.single_head:
+            produced |= {f"{task}_accuracy" for task in (tasks or ("binary", "open"))}
+            if model.router:
+                produced.add("router_accuracy")
+        if self.soft_targets:
+            produced.add("vqa_accuracy")
+        return {name: True for name in VALIDATION_METRICS if name in produced}
 
     def check_checkpoint(self, directory: Path) -> None:
         """The model configuration, and the answer vocabulary in the same order: a reordered or new

@@ -122,8 +122,9 @@ def gramian(grads: Sequence[Sequence[Tensor]]) -> Tensor:
 
 def accumulate_combination(params: Sequence[Tensor], grads: Sequence[Sequence[Tensor]], weights: Tensor) -> None:
     """Add ``sum_i weights[i] * grads[i]`` to the ``.grad`` of `params`. DDP: all-reduce first."""
+    scales = weights.tolist()  # one device sync, not one per parameter
     for index, param in enumerate(params):
-        accumulate_grad(param, sum(float(w) * task[index].float() for w, task in zip(weights, grads, strict=True)))
+        accumulate_grad(param, sum(w * task[index].float() for w, task in zip(scales, grads, strict=True)))
 
 
 def accumulate_flat(params: Sequence[Tensor], vector: Tensor) -> None:
