@@ -391,7 +391,7 @@ def test_load_splits_registry(tmp_path):
     assert set(FORMATS) == {"easy_vqa", "vqa_rad", "slake", "pathvqa", "vqa_v2", "jsonl"}
     write_slake(tmp_path)
     assert len(load_splits(DataConfig(format="slake", root=str(tmp_path), lang="zh")).test) == 2
-    with pytest.raises(ValueError, match="known formats: easy_vqa, vqa_rad"):
+    with pytest.raises(ValueError, match="unknown data format .*choose one of easy_vqa, jsonl, pathvqa, slake, vqa_rad, vqa_v2"):
         load_splits(DataConfig(format="coco"))
     with pytest.raises(ValueError, match="--root"):
         load_splits(DataConfig(format="vqa_rad"))

@@ -7,32 +7,22 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
 from pathlib import Path
 
 from ..config import DataConfig
-from . import easy_vqa, jsonl, pathvqa, slake, vqa_rad, vqa_v2
+from . import easy_vqa, jsonl, pathvqa, slake, vqa_rad, vqa_v2  # noqa: F401  (each registers its format)
 from .answers import AnswerVocab, normalize_answer, vqa_accuracy, vqa_soft_scores
 from .images import ImagePreprocessor, ImageStore, load_rgb, question_allows_flip
+from .loading import FORMATS
 from .records import BINARY, OPEN, TASKS, YES_NO, DataError, Rejection, VQARecord, VQASplits
 
-FORMATS: dict[str, Callable[..., VQASplits]] = {
-    "easy_vqa": easy_vqa.load,
-    "vqa_rad": vqa_rad.load,
-    "slake": slake.load,
-    "pathvqa": pathvqa.load,
-    "vqa_v2": vqa_v2.load,
-    "jsonl": jsonl.load,
-}
 # Formats that need no --root: their data ships with an installed package.
 EMBEDDED = frozenset({"easy_vqa"})
 
 
 def load_splits(config: DataConfig, seed: int = 0) -> VQASplits:
     """Load the dataset `config` names; options a format does not have must stay at their defaults."""
-    loader = FORMATS.get(config.format)
-    if loader is None:
-        raise ValueError(f"unknown data format {config.format!r}; known formats: {', '.join(FORMATS)}")
+    loader = FORMATS.lookup(config.format)
     if config.root is None and config.format not in EMBEDDED:
         raise ValueError(f"data format {config.format!r} needs its folder: pass --root DIR (data.root=DIR)")
     accepted = inspect.signature(loader).parameters

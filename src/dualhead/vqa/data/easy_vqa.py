@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .loading import (
+    FORMATS,
     FieldNames,
     RecordBuilder,
     build_records,
@@ -44,6 +45,7 @@ def _read(root: Path, split: str, builder: RecordBuilder) -> list[VQARecord]:
     return build_records(rows, builder, root / split / "images", FIELDS, image_suffix=".png")
 
 
+@FORMATS.register("easy_vqa")
 def load(
     root: Path | None = None,
     *,

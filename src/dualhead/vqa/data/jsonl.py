@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .loading import FieldNames, RecordBuilder, build_records, carve_val_by_image, require_dir
+from .loading import FORMATS, FieldNames, RecordBuilder, build_records, carve_val_by_image, require_dir
 from .records import DataError, VQARecord, VQASplits
 
 FIELDS = FieldNames(image="image")
@@ -88,6 +88,7 @@ def _read(root: Path, path: Path, builder: RecordBuilder) -> list[VQARecord]:
     return build_records(rows, builder, root, FIELDS)
 
 
+@FORMATS.register("jsonl")
 def load(
     root: Path,
     *,

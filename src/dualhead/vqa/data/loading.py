@@ -9,8 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dualhead.core.registry import Registry
+
 from .answers import normalize_answer
 from .records import UNSAFE_TEXT, DataError, Rejection, VQARecord, printable
+
+#: Dataset format name -> ``load(root, **options) -> VQASplits``; each format module registers its own.
+FORMATS: Registry[Callable[..., Any]] = Registry("data format")
 
 
 def require_dir(path: Path, what: str) -> Path:

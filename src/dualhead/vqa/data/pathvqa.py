@@ -12,7 +12,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from .loading import FieldNames, RecordBuilder, build_records, expect_list, numbered, require_dir
+from .loading import FORMATS, FieldNames, RecordBuilder, build_records, expect_list, numbered, require_dir
 from .records import DataError, VQARecord, VQASplits
 
 FIELDS = FieldNames(image="img_id", question="sent", qid="question_id")
@@ -64,6 +64,7 @@ def _read(root: Path, split: str, builder: RecordBuilder) -> list[VQARecord]:
     return build_records(rows, builder, root / "images" / split, FIELDS, image_suffix=".jpg")
 
 
+@FORMATS.register("pathvqa")
 def load(root: Path, *, skip_invalid: bool = False, allow_outside_root: bool = False) -> VQASplits:
     """Load PathVQA from `root` (the folder holding qas/ and images/), with its own val split."""
     root = require_dir(Path(root), "PathVQA folder")

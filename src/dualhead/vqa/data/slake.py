@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .loading import FieldNames, RecordBuilder, build_records, json_rows, require_dir
+from .loading import FORMATS, FieldNames, RecordBuilder, build_records, json_rows, require_dir
 from .records import VQASplits
 
 LANGUAGES = ("en", "zh", "all")
 FIELDS = FieldNames(image="img_name")
 
 
+@FORMATS.register("slake")
 def load(
     root: Path, *, lang: str = "en", skip_invalid: bool = False, allow_outside_root: bool = False
 ) -> VQASplits:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .loading import (
+    FORMATS,
     FieldNames,
     RecordBuilder,
     build_records,
@@ -27,6 +28,7 @@ def _read(root: Path, filename: str, builder: RecordBuilder) -> list[VQARecord]:
     return build_records(json_rows(root / filename), builder, root / "images", FIELDS)
 
 
+@FORMATS.register("vqa_rad")
 def load(
     root: Path,
     *,

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from .answers import normalize_answer, vqa_soft_scores
-from .loading import RecordBuilder, answer_type, carve_val_by_image, expect_list, read_json, require_dir
+from .loading import (
+    FORMATS,
+    RecordBuilder,
+    answer_type,
+    carve_val_by_image,
+    expect_list,
+    read_json,
+    require_dir,
+)
 from .records import DataError, VQARecord, VQASplits
 
 QUESTION_FIELDS = ("image_id", "question", "question_id")
@@ -88,6 +96,7 @@ def _read(root: Path, split: str, builder: RecordBuilder) -> list[VQARecord]:
     return records
 
 
+@FORMATS.register("vqa_v2")
 def load(
     root: Path,
     *,
