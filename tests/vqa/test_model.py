@@ -98,7 +98,7 @@ def test_save_and_load_give_identical_logits(tmp_path):
     model = DualHeadVQA(tiny_model_config(), VOCAB).eval()
     inputs = _inputs(model, QUESTIONS)
     model.save_pretrained(tmp_path / "saved")
-    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["answers.json", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["answers.json", "config.json", "model.safetensors", "text_encoder"]
     loaded = DualHeadVQA.from_pretrained(tmp_path / "saved").eval()
     with torch.no_grad():
         a, b = model(**inputs), loaded(**inputs)
