@@ -480,3 +480,17 @@ def test_per_task_preference_is_sliced_to_present_tasks():
     step(model, balancer, ["binary", "count"], seed=0)
     aggregator = balancer._aggregators[("binary", "count")]
     assert aggregator.pref_vector.tolist() == [1.0, 4.0]
+
+
+def test_db_mtl_restarts_its_averages_when_the_shared_parameters_change():
+    """A frozen warm-up ends: more shared parameters train, and the averages start again."""
+    small = nn.Parameter(torch.tensor([0.5, -0.5]))
+    extra = nn.Parameter(torch.tensor([1.0]))
+    balancer = DBMTL(["a", "b"], beta=0.5, eps=0.0)
+    f = _linear_features(small)
+    balancer.backward({"a": torch.exp(f[0]), "b": torch.exp(f[1])}, shared_params=[small], shared_features=f)
+    assert balancer.grad_average.shape == (2, 2) and balancer.task_steps.tolist() == [1, 1]
+    f = _linear_features(small) * extra
+    report = balancer.backward({"a": torch.exp(f[0]), "b": torch.exp(f[1])}, shared_params=[small, extra], shared_features=f)
+    assert balancer.grad_average.shape == (2, 3) and balancer.task_steps.tolist() == [1, 1]
+    assert all(math.isfinite(w) for w in report.weights.values())

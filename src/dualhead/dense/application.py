@@ -72,8 +72,7 @@ class DenseExperiment(Experiment):
             dataset,
             batch_sampler=batches,
             collate_fn=unbatched,
-            num_workers=workers,
-            persistent_workers=workers > 0,
+            num_workers=workers,  # not persistent: each epoch's workers are seeded from the reseeded generator
             generator=generator,
         )
 

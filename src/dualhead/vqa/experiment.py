@@ -225,10 +225,12 @@ def make_loader(
         load_text=not (cache and cache.has_text),
     )
     # A generator of its own: iterating must not draw from the global RNG, or a run resumed
-    # mid-epoch would see different dropout masks than an uninterrupted one.
+    # mid-epoch would see different dropout masks than an uninterrupted one. Workers are not
+    # persistent: each epoch's workers take their seeds from the generator the Trainer reseeds per
+    # epoch, so a resumed run's augmentation is the uninterrupted run's.
     return DataLoader(
         records, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
-        persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(sampler.seed),
+        generator=torch.Generator().manual_seed(sampler.seed),
     )
 
 

@@ -67,13 +67,11 @@ class DBMTL(Balancer):
                 retain_graph=extra_loss is not None,
                 parallel_chunk_size=self.parallel_chunk_size,
             )
-            if self.grad_average.numel() == 0:
+            if self.grad_average.shape[-1:] != jacobian.shape[1:]:
+                # first step, or the trainable shared parameters changed (a frozen warm-up ended):
+                # averages over other parameters mean nothing for these, so they start again
                 self.grad_average = jacobian.new_zeros(len(self.tasks), jacobian.shape[1])
-            elif self.grad_average.shape[1] != jacobian.shape[1]:
-                raise ValueError(
-                    f"db_mtl: the shared parameters have {jacobian.shape[1]} elements, "
-                    f"but its moving averages were built for {self.grad_average.shape[1]}"
-                )
+                self.task_steps.zero_()
             index = self.task_index(present)
             self.task_steps[index] += 1
             betas = self.beta / self.task_steps[index].to(jacobian).pow(self.beta_sigma)
