@@ -276,3 +276,28 @@ def test_worker_image_caches_share_one_budget(shapes_root):
     store = ImageStore(ImagePreprocessor(32, (0.5,) * 3, (0.5,) * 3), max_bytes=1000)
     worker_store = store.for_workers(4)
     assert worker_store is not store and worker_store.max_bytes == 250 and not worker_store.cached_bytes
+
+
+def test_a_resumed_run_repeating_its_best_epoch_does_not_count_a_bad_epoch(shapes_root, tmp_path):
+    """Killed after saving best/ but before last/: the resumed run repeats that epoch, scores the
+    same, and must not move closer to early stopping than the uninterrupted run did."""
+    config = tiny_run_config(shapes_root, tmp_path, epochs=3, early_stopping_patience=1)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.state.update(step=10, best=0.7)
+    trainer.save("best")
+    trainer.state.update(best=0.5, bad_epochs=0)  # what the older last/ remembers
+    trainer._recover_best()
+    assert trainer.state["best"] == 0.7
+    trainer.experiment.evaluate = lambda split, final=False: {"accuracy": 0.7}
+    trainer._validate(epoch=2)
+    assert trainer.state["bad_epochs"] == 0 and not trainer.state["stopped"]
+    trainer.state["step"] = 20  # a later epoch that only equals the best is a bad one
+    trainer._validate(epoch=3)
+    assert trainer.state["bad_epochs"] == 1 and trainer.state["stopped"]
+
+
+def test_resume_refuses_a_checkpoint_without_a_model_configuration(finished_run, tmp_path):
+    run = _copy_run(finished_run, tmp_path / "run")
+    (run / "last" / "config.json").write_text("{}")
+    result = _run("train", "--resume", str(run))
+    assert result.exit_code == 1 and "holds no model configuration" in result.output

@@ -102,8 +102,10 @@ class Experiment:
             saved = json.loads(saved_file.read_text(encoding="utf-8")).get("model")
         except (OSError, ValueError, AttributeError) as err:
             raise ValueError(f"cannot read the checkpoint's model configuration {saved_file}: {err}") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"the checkpoint's {saved_file} holds no model configuration: is {directory} a dualhead checkpoint?")
         current = config_to_dict(self.model.config) if hasattr(self.model, "config") else None
-        differences = sorted(dict_differences(saved, current)) if saved is not None and current is not None else []
+        differences = sorted(dict_differences(saved, current)) if current is not None else []
         if differences:
             raise ValueError(
                 f"the checkpoint {directory} does not fit this run's configuration: "
