@@ -260,6 +260,22 @@ compare = _study_command(
 )
 
 
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--format", "export_format", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--int8", is_flag=True, help="Also write a dynamically int8-quantised copy (model.int8.onnx).")
+def export(run: str, out: str, export_format: str, int8: bool) -> None:
+    """Export a trained model (a run's best checkpoint, or a checkpoint) for inference without dualhead:
+    the whole model and each head as ONNX, with the tokenizer, answers and preprocessing beside them."""
+    from dualhead.deploy.export import export_onnx
+    from dualhead.vqa.evaluate import resolve_checkpoint
+    from dualhead.vqa.model import DualHeadVQA
+
+    for path in export_onnx(DualHeadVQA.from_pretrained(resolve_checkpoint(run)), Path(out), quantize=int8):
+        click.echo(str(path))
+
+
 @main.group()
 def data() -> None:
     """Inspect datasets."""

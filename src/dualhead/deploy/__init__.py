@@ -1,0 +1,1 @@
+"""Deployment: ONNX export (and, later, distillation and the HTTP service)."""
