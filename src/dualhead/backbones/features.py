@@ -16,14 +16,14 @@ import timm
 from torch import Tensor, nn
 
 from dualhead.backbones.config import VisionConfig
-from dualhead.backbones.freeze import batchnorm_eval, freeze_module, is_frozen
+from dualhead.backbones.freeze import NormEvalModule, freeze_module
 from dualhead.backbones.vision import _create_timm_model, _timm_arch
 
 #: Strides 4, 8, 16 and 32 for most timm CNNs (index 0 is stride 2).
 DEFAULT_OUT_INDICES = (1, 2, 3, 4)
 
 
-class FeatureBackbone(nn.Module):
+class FeatureBackbone(NormEvalModule):
     """``[N, 3, H, W] -> [N, channels[i], H / reductions[i], W / reductions[i]]`` for each level, finest first."""
 
     def __init__(self, model: nn.Module, data_config: dict[str, Any], norm_eval: bool = False):
@@ -37,16 +37,6 @@ class FeatureBackbone(nn.Module):
     def forward(self, pixel_values: Tensor) -> list[Tensor]:
         return self.model(pixel_values)
 
-    def train(self, mode: bool = True) -> FeatureBackbone:
-        """With `norm_eval`, batch-norm layers keep their running statistics while the rest trains."""
-        super().train(mode)
-        if mode and self.norm_eval:
-            batchnorm_eval(self)
-        return self
-
-    @property
-    def frozen(self) -> bool:
-        return is_frozen(self)
 
 
 def backbone_data_config(cfg: VisionConfig) -> dict[str, Any]:

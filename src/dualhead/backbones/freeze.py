@@ -41,3 +41,20 @@ def batchnorm_eval(module: nn.Module) -> None:
     for child in module.modules():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             child.eval()
+
+
+class NormEvalModule(nn.Module):
+    """A backbone whose batch norm keeps its running statistics while the rest trains (`norm_eval`),
+    and that says whether `freeze_module` froze it."""
+
+    norm_eval: bool = False
+
+    def train(self, mode: bool = True) -> NormEvalModule:
+        super().train(mode)
+        if mode and self.norm_eval:
+            batchnorm_eval(self)
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return is_frozen(self)

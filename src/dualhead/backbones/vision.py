@@ -18,7 +18,7 @@ from timm.models import load_state_dict as timm_load_state_dict
 from torch import Tensor, nn
 
 from dualhead.backbones.config import VisionConfig
-from dualhead.backbones.freeze import batchnorm_eval, freeze_module, is_frozen
+from dualhead.backbones.freeze import NormEvalModule, freeze_module
 
 # Names whose timm architecture differs from the name. The offline EfficientNet-Lite0 weights are a
 # port of Google's TensorFlow release, which pads like TensorFlow ("same") and uses batch-norm eps
@@ -147,7 +147,7 @@ def _create_timm_model(cfg: VisionConfig, arch: str) -> nn.Module:
     return model
 
 
-class VisionEncoder(nn.Module):
+class VisionEncoder(NormEvalModule):
     """A timm model reduced to one pooled vector per image: ``[N, 3, H, W] -> [N, out_dim]``.
 
     CNN feature maps are globally average-pooled; token outputs (ViT-like) go through timm's own
@@ -170,16 +170,6 @@ class VisionEncoder(nn.Module):
             return features.mean(dim=spatial)
         return self.model.forward_head(features, pre_logits=True)
 
-    def train(self, mode: bool = True) -> VisionEncoder:
-        """With `norm_eval`, batch-norm layers keep their running statistics while the rest trains."""
-        super().train(mode)
-        if mode and self.norm_eval:
-            batchnorm_eval(self)
-        return self
-
-    @property
-    def frozen(self) -> bool:
-        return is_frozen(self)
 
     def _drop_unused_layers(self, input_size: tuple[int, ...]) -> int:
         """Replace every layer that gets no gradient through `forward` by an identity; returns the
