@@ -301,3 +301,15 @@ def test_resume_refuses_a_checkpoint_without_a_model_configuration(finished_run,
     (run / "last" / "config.json").write_text("{}")
     result = _run("train", "--resume", str(run))
     assert result.exit_code == 1 and "holds no model configuration" in result.output
+
+
+def test_non_finite_weights_are_never_written_to_a_checkpoint(shapes_root, tmp_path):
+    config = tiny_run_config(shapes_root, tmp_path, epochs=1)
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.save("last")
+    kept = (tmp_path / "run" / "last" / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        next(trainer.model.fusion.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="non-finite weights"):
+        trainer.save("last")
+    assert (tmp_path / "run" / "last" / "model.safetensors").read_bytes() == kept

@@ -181,7 +181,11 @@ class Trainer:
             self._recovered_best_step = progress["step"]
 
     def save(self, name: str) -> None:
-        """Checkpoint the model and everything needed to resume into ``run_dir/name``."""
+        """Checkpoint the model and everything needed to resume into ``run_dir/name``. Non-finite
+        weights are never written (finite gradients keep them finite between checkpoints, so the
+        check runs here, not on every step)."""
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            self._diverged(f"non-finite weights at step {self.state['step']}: not saved to {name}/")
         trainer_state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -309,8 +313,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state["step"] += 1
-        if not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
-            self._diverged(f"non-finite weights after the optimiser step at {where}")
 
     def _diverged(self, message: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
