@@ -35,6 +35,11 @@ def autocast_context(device: torch.device, precision: str) -> AbstractContextMan
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed mixed from several integers (a run's seed and a rank, an epoch, a step)."""
+    return int(np.random.SeedSequence([int(part) % 2**64 for part in parts]).generate_state(1)[0])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -37,6 +37,12 @@ class Task(nn.Module):
         """Scalar loss over this task's labelled samples in `batch`, or None when there are none."""
         raise NotImplementedError
 
+    def loss_count(self, batch: Any) -> float | None:
+        """How many labelled samples (or what total weight) `loss` averages over in `batch`, 0 where it
+        returns None. Several training processes weigh their losses by it, so that they compute one
+        process's gradient over their union; None (the default): unknown, processes weigh equally."""
+        return None
+
     def meter(self) -> MetricMeter:
         """A fresh metric accumulator for one evaluation pass."""
         raise NotImplementedError

@@ -3,6 +3,13 @@
 A run directory holds `config.yaml` (what the run used), `metrics.jsonl` and TensorBoard events,
 `best/` and `last/` checkpoints, plots, and the final `test_metrics.json` / `results.md`. What a
 sample is, how the model is fed and how it is scored is the application's `Experiment`.
+
+Several processes (``torchrun --nproc-per-node N -m dualhead train ...``, see
+`dualhead.core.distributed`): each step's global batch is one batch per process; every process gets
+the same tasks with the global batch's loss values and its own share of their gradients, and the
+model's gradients are summed over processes before clipping and the optimiser step, so the update is
+the one a single process computes over the global batch. Rank 0 alone evaluates, writes and plots; the
+others get its validation metrics, so all take the same decisions (best checkpoint, early stopping).
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from dualhead.core import distributed
 from dualhead.core.applications import get_application
 from dualhead.core.checkpoints import (
     TRAINER_STATE_FILE,
@@ -33,11 +42,13 @@ from dualhead.core.config import RunConfig, load_config, save_config
 from dualhead.core.experiment import Experiment
 from dualhead.core.io import atomic_write_json, atomic_write_text
 from dualhead.core.plots import plot_run
-from dualhead.core.runtime import resolve_device, seed_everything
+from dualhead.core.runtime import derived_seed, seed_everything
 from dualhead.mtl.balancers import BalanceReport, build_balancer
 from dualhead.mtl.diagnostics import gradient_conflict
 
 log = logging.getLogger(__name__)
+
+AUXILIARY = "aux"  # the auxiliary loss's name among the losses (logs, multi-process counts)
 
 
 class TrainingDiverged(RuntimeError):
@@ -69,10 +80,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         cfg = config.train
         validate_train_config(cfg)
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.setup(cfg.device)  # joins the other processes under torchrun
         seed_everything(cfg.seed)
         self.experiment = (experiment or build_experiment(config)).to(self.device)
         self.model = self.experiment.model
+        if distributed.is_distributed():
+            distributed.broadcast_module(self.model)  # the same initial weights everywhere
+            seed_everything(derived_seed(cfg.seed, distributed.rank()))  # each process its own dropout
         self.metric = cfg.metric or self.experiment.default_metric
         directions = self.experiment.metric_directions
         if self.metric not in directions:
@@ -81,11 +95,14 @@ class Trainer:
         self.balancer = self._build_balancer().to(self.device)
         self.optimizer = self._build_optimizer()  # before any stage freezes: it holds every trainable parameter
         self.sampler = self.experiment.train_sampler
+        if distributed.is_distributed():
+            self._shard_sampler()
         self.total_steps = cfg.max_steps or self._steps_in_epochs(cfg.epochs)
         self.scheduler = self._build_scheduler()
         self.state: dict[str, Any] = {"epoch": 0, "batches_done": 0, "step": 0, "best": None, "bad_epochs": 0, "stopped": False}
         self.writer: SummaryWriter | None = None
         self._recovered_best_step: int | None = None
+        self._unweighted: set[str] = set()
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -131,6 +148,15 @@ class Trainer:
             lambdas.append(staged_cosine(boundary, max(self.total_steps, 1), cfg.warmup_fraction, scale))
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambdas)
 
+    def _shard_sampler(self) -> None:
+        if not isinstance(self.sampler, distributed.ShardableBatchSampler):
+            raise ValueError(
+                f"the training sampler {type(self.sampler).__name__} of application "
+                f"{self.config.application!r} cannot share its batches among processes: subclass "
+                "dualhead.core.distributed.ShardableBatchSampler"
+            )
+        self.sampler.shard(distributed.rank(), distributed.world_size())
+
     def _steps_in_epochs(self, epochs: int) -> int:
         """Optimiser steps in the first `epochs` epochs (the schedule's length)."""
         steps = 0
@@ -145,26 +171,37 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: Path | str) -> Trainer:
         """Continue a stopped run from its `last/` checkpoint: weights, optimiser, scheduler, RNG, counters.
-        A run that stopped before its first checkpoint starts again from the beginning."""
+        A run that stopped before its first checkpoint starts again from the beginning. Every process
+        of a multi-process run loads the same checkpoint (with several machines, `run_dir` must be on a
+        file system they share), and the run must resume with as many processes as it had."""
         run_dir = Path(run_dir)
         config_path = run_dir / "config.yaml"
         if not config_path.is_file():
             raise FileNotFoundError(f"cannot resume: {config_path} not found; is {run_dir} a dualhead run directory?")
-        for name in ("last", "best"):
-            recover_interrupted(run_dir / name)
         trainer = cls(load_config(config_path), run_dir)
+        if distributed.is_main():
+            for name in ("last", "best"):
+                recover_interrupted(run_dir / name)
+        distributed.barrier()
         if not (run_dir / "last").exists():
             log.warning("%s has no checkpoint yet: training starts from the beginning", run_dir)
             return trainer
         trainer.experiment.check_checkpoint(run_dir / "last")
         state = load_trainer_state(run_dir / "last")
+        saved_world = state.get("world_size", 1)
+        if saved_world != distributed.world_size():
+            raise ValueError(
+                f"{run_dir} was trained by {saved_world} process(es), this resume runs "
+                f"{distributed.world_size()}: a step's global batch and the schedule's length depend on it; "
+                f"resume with torchrun --nproc-per-node {saved_world} (or without torchrun for 1)"
+            )
         trainer.model.load_weights(run_dir / "last", trainer.device)
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.balancer.load_state_dict(state["balancer"])
         trainer.state = state["progress"]
         trainer._recover_best()
-        set_rng_state(state["rng"])
+        set_rng_state(state["rank_rng"][distributed.rank()] if "rank_rng" in state else state["rng"])
         return trainer
 
     def _recover_best(self) -> None:
@@ -183,33 +220,41 @@ class Trainer:
     def save(self, name: str) -> None:
         """Checkpoint the model and everything needed to resume into ``run_dir/name``. Non-finite
         weights are never written (finite gradients keep them finite between checkpoints, so the
-        check runs here, not on every step)."""
+        check runs here, not on every step). Every process calls it; rank 0 writes."""
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
             self._diverged(f"non-finite weights at step {self.state['step']}: not saved to {name}/")
+        rng_states = distributed.all_gather_objects(rng_state())  # every process's, to resume each
+        if not distributed.is_main():
+            return
         trainer_state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "balancer": self.balancer.state_dict(),
             "progress": dict(self.state),
-            "rng": rng_state(),
+            "rng": rng_states[0],
+            "world_size": len(rng_states),
         }
+        if len(rng_states) > 1:
+            trainer_state["rank_rng"] = rng_states
         save_checkpoint(self.run_dir / name, self.model, trainer_state)
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         """Train until the epoch budget, `max_steps` or early stopping; then test the best checkpoint."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.run_dir / "config.yaml")
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
-        log.info("run directory: %s", self.run_dir)
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / "config.yaml")
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            log.info("run directory: %s (%d process(es))", self.run_dir, distributed.world_size())
         try:
             while not self._finished():
                 self.experiment.on_epoch_start(self.state["epoch"])
                 if not self._train_epoch(self.state["epoch"]):  # max_steps reached mid-epoch
                     break
         finally:
-            self.writer.close()
+            if self.writer is not None:
+                self.writer.close()
         return self._finish()
 
     def _finished(self) -> bool:
@@ -228,13 +273,17 @@ class Trainer:
         skip = self.state["batches_done"]  # resuming mid-epoch: the epoch's order is reproducible
         self.sampler.set_epoch(epoch, skip=skip)
         loader = self.experiment.train_loader()
-        loader.generator.manual_seed(cfg.seed * 1_000_003 + epoch)  # worker seeds, per epoch
+        seed = cfg.seed * 1_000_003 + epoch  # worker seeds, per epoch (and per process)
+        if distributed.is_distributed():
+            seed = derived_seed(seed, distributed.rank())
+        loader.generator.manual_seed(seed)
         epoch_length = self.sampler.epoch_length
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
         samples = 0
         started = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        show = cfg.progress and distributed.is_main()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show, leave=False)
         for index, batch in enumerate(bar, start=skip):
             last_of_group = (index + 1) % cfg.grad_accum == 0 or index + 1 == epoch_length
             result = self.train_step(batch, optimizer_step=last_of_group, where=f"epoch {epoch + 1}, batch {index + 1}")
@@ -257,6 +306,7 @@ class Trainer:
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
         seconds = time.perf_counter() - started
+        (samples,) = distributed.sum_over_processes([samples])
         epoch_done = self.state["batches_done"] >= epoch_length
         metrics: dict[str, Any] = {f"train/loss/{k}": totals[k] / counts[k] for k in totals}
         metrics["train/seconds"] = seconds
@@ -272,16 +322,20 @@ class Trainer:
 
     def train_step(self, batch: Any, optimizer_step: bool = True, where: str = "") -> StepResult:
         """One batch: forward, per-task losses, the balancer's backward, and (unless accumulating
-        gradients) clipping and an optimiser step. Non-finite losses or gradients stop the run."""
+        gradients) clipping and an optimiser step. Non-finite losses or gradients stop the run.
+        With several processes, every process calls it with its share of the step's global batch; the
+        losses reported are the global batch's."""
         cfg = self.config.train
         batch = self.experiment.to_device(batch)
         with self.experiment.autocast():
             output = self.experiment.forward(batch)
             task_losses = self.experiment.task_losses(output, batch)
             aux = self.experiment.auxiliary_loss(output, batch)
+        if distributed.is_distributed():
+            task_losses, aux = self._global_losses(task_losses, aux, output, batch)
         losses = {task: float(loss.detach()) for task, loss in task_losses.items()}
         if aux is not None:
-            losses["aux"] = float(aux.detach())
+            losses[AUXILIARY] = float(aux.detach())
         where = where or f"step {self.state['step']}"
         if not all(math.isfinite(value) for value in losses.values()):
             self._diverged(f"non-finite loss at {where}: {losses}")
@@ -290,20 +344,50 @@ class Trainer:
         if every and len(task_losses) > 1 and self.state["step"] % every == 0 and optimizer_step:
             diagnostics = gradient_conflict(task_losses, self.model.conflict_parameters())
         scale = 1.0 / cfg.grad_accum
-        report = self.balancer.backward(
-            {task: loss * scale for task, loss in task_losses.items()},
-            shared_params=self.model.shared_parameters(),
-            shared_features=output.shared.get(self.model.representation_key),
-            extra_loss=aux * scale if aux is not None else None,
-            epoch=self.state["epoch"],
-            step=self.state["step"],
-        )
+        # a randomised balancer (RLW, PCGrad's task order, GradDrop) draws the same on every process
+        draws = derived_seed(cfg.seed, self.state["epoch"], self.state["step"], self.state["batches_done"])
+        with distributed.same_random_draws(draws, self.device):
+            report = self.balancer.backward(
+                {task: loss * scale for task, loss in task_losses.items()},
+                shared_params=self.model.shared_parameters(),
+                shared_features=output.shared.get(self.model.representation_key),
+                extra_loss=aux * scale if aux is not None else None,
+                epoch=self.state["epoch"],
+                step=self.state["step"],
+            )
         if optimizer_step:
             self._optimizer_step(where)
         return StepResult(losses, report, optimizer_step, diagnostics)
 
+    def _global_losses(self, task_losses: dict[str, Tensor], aux: Tensor | None, output: Any, batch: Any):
+        """The task losses and the auxiliary loss valued over the global batch, carrying this process's
+        share of their gradients (`distributed.global_mean_shares`): a task's loss is a mean over its
+        labelled samples (`Task.loss_count`), the auxiliary loss one over the batch's samples."""
+        counts: dict[str, float] = {}
+        for name, task in self.experiment.tasks.items():
+            count = task.loss_count(batch) if name in task_losses else 0
+            if count is None:  # the task cannot say: processes weigh equally
+                self._warn_unweighted(name)
+                count = 1
+            counts[name] = count
+        means: dict[str, Tensor | None] = dict(task_losses)
+        counts[AUXILIARY] = self.experiment.batch_size_of(batch) if aux is not None else 0
+        means[AUXILIARY] = aux
+        representation = output.shared.get(self.model.representation_key)
+        anchors = {name: output.predictions.get(name, representation) for name in self.experiment.tasks}
+        anchors[AUXILIARY] = representation
+        shares = distributed.global_mean_shares(means, counts, anchors)
+        return {name: shares[name] for name in self.experiment.tasks if name in shares}, shares.get(AUXILIARY)
+
+    def _warn_unweighted(self, task: str) -> None:
+        if task not in self._unweighted:
+            self._unweighted.add(task)
+            log.warning("task %r does not count its labelled samples (Task.loss_count): processes weigh its "
+                        "loss equally, which matches one process only when they hold equally many", task)
+
     def _optimizer_step(self, where: str) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
+        distributed.all_reduce_gradients(params)  # the global batch's gradient, on every process
         clip = self.config.train.grad_clip
         # The model's gradients only: a balancer's own parameters follow their own rule.
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"))
@@ -323,7 +407,9 @@ class Trainer:
     def _validate(self, epoch: int) -> dict[str, Any]:
         if not self.experiment.has_split("val"):
             return {}
-        metrics = self.experiment.evaluate("val")
+        # rank 0 evaluates; every process takes the same decisions from its metrics
+        metrics = self.experiment.evaluate("val") if distributed.is_main() else None
+        metrics = distributed.broadcast_object(metrics)
         value = metrics.get(self.metric)
         best = self.state["best"]
         if value is None:  # e.g. no validation question of the task the metric scores
@@ -344,23 +430,30 @@ class Trainer:
         return value > than if self.higher_is_better else value < than
 
     def _finish(self) -> dict[str, Any]:
-        """Evaluate the best checkpoint (or the last, without validation data) on val and test; plot."""
-        chosen = self.run_dir / ("best" if (self.run_dir / "best").exists() else "last")
-        if not chosen.exists():
+        """Evaluate the best checkpoint (or the last, without validation data) on val and test; plot.
+        Rank 0 evaluates and writes; every process returns its results."""
+        exists = distributed.broadcast_object([(self.run_dir / name).exists() for name in ("best", "last")])
+        chosen = self.run_dir / ("best" if exists[0] else "last")
+        if not any(exists):
             self.save("last")
+        distributed.barrier()  # rank 0's checkpoint is complete before any process reads it
         self.model.load_weights(chosen, self.device)
+        splits = [split for split in ("val", "test") if self.experiment.has_split(split)]
+        if splits:  # on every process: a change of stage may build a feature cache together
+            self.experiment.on_epoch_start(self.state["epoch"])
         results: dict[str, Any] = {"checkpoint": str(chosen)}
-        for split in ("val", "test"):
-            if self.experiment.has_split(split):
-                self.experiment.on_epoch_start(self.state["epoch"])
+        if distributed.is_main():
+            for split in splits:
                 results[split] = self.experiment.evaluate(split, final=True)
-        atomic_write_json(self.run_dir / "test_metrics.json", results)
-        atomic_write_text(self.run_dir / "results.md", self.experiment.report(results) + "\n")
-        plot_run(self.run_dir)
-        self.experiment.plot(self.run_dir, results)
-        return results
+            atomic_write_json(self.run_dir / "test_metrics.json", results)
+            atomic_write_text(self.run_dir / "results.md", self.experiment.report(results) + "\n")
+            plot_run(self.run_dir)
+            self.experiment.plot(self.run_dir, results)
+        return distributed.broadcast_object(results)
 
     def _log(self, kind: str, metrics: dict[str, Any]) -> None:
+        if not distributed.is_main():
+            return
         row = {"kind": kind, "epoch": self.state["epoch"], "step": self.state["step"],
                "time": datetime.now().isoformat(timespec="seconds"), **metrics}
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
@@ -409,7 +502,7 @@ def staged_cosine(boundary: int, total: int, warmup_fraction: float, second_stag
 
 def new_run_dir(config: RunConfig, label: str | None = None) -> Path:
     """`output_dir/name`, or `output_dir/<label>-<timestamp>` when no name is given (label: the data
-    format where the config has one, else the application)."""
+    format where the config has one, else the application). Several processes share rank 0's."""
     label = label or getattr(getattr(config, "data", None), "format", None) or config.application
     name = config.name or f"{label}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    return Path(config.output_dir) / name
+    return Path(config.output_dir) / distributed.broadcast_object(name)  # one name for every process

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-from torch.utils.data import Sampler
+
+from dualhead.core.distributed import ShardableBatchSampler
 
 
-class ShuffledBatchSampler(Sampler[list[int]]):
+class ShuffledBatchSampler(ShardableBatchSampler):
     """Batches of `batch_size` indices of a permutation of ``range(size)`` drawn from (seed, epoch).
 
     Every index appears once per epoch. A last batch of a single sample joins the one before it (one
     sample alone breaks batch norm in training). `set_epoch(epoch, skip)` leaves out the first `skip`
-    batches, so a run resumed mid-epoch sees exactly the batches it had not seen.
+    batches, so a run resumed mid-epoch sees exactly the batches it had not seen; with several
+    processes (`shard`), each takes every N-th batch, so a step's global batch is N batches.
     """
 
     def __init__(self, size: int, batch_size: int, seed: int = 0):
@@ -21,26 +21,12 @@ class ShuffledBatchSampler(Sampler[list[int]]):
             raise ValueError(f"need at least one sample and a batch size >= 1, got size={size}, batch_size={batch_size}")
         self.size = size
         self.batch_size = batch_size
-        self.seed = seed
-        self.set_epoch(0)
+        super().__init__(seed)
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch = epoch
-        self.skip = skip
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
         order = np.random.default_rng([self.seed, epoch]).permutation(self.size).tolist()
         batches = [order[i : i + self.batch_size] for i in range(0, self.size, self.batch_size)]
         if len(batches) > 1 and len(batches[-1]) == 1:
             last = batches.pop()
             batches[-1] += last
-        self._batches = batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches[self.skip :]
-
-    @property
-    def epoch_length(self) -> int:
-        """Batches in an epoch, skipped ones included."""
-        return len(self._batches)
-
-    def __len__(self) -> int:
-        return len(self._batches) - self.skip
+        return batches

@@ -98,6 +98,10 @@ class SegmentationTask(DenseTask):
             return None
         return F.cross_entropy(prediction.float(), labels, ignore_index=IGNORE_INDEX)
 
+    def loss_count(self, batch: Any) -> int:
+        labels = self.labels(batch)
+        return 0 if labels is None else int((labels != IGNORE_INDEX).sum())
+
     def _meter(self) -> MetricMeter:
         return SegmentationMeter(self.num_classes)
 
@@ -134,6 +138,10 @@ class DepthTask(DenseTask):
             return None
         return (prediction.float()[valid] - labels[valid]).abs().mean()
 
+    def loss_count(self, batch: Any) -> int:
+        labels = self.labels(batch)
+        return 0 if labels is None else int((labels > 0).sum())
+
     def _meter(self) -> MetricMeter:
         return DepthMeter()
 
@@ -159,6 +167,10 @@ class NormalsTask(DenseTask):
             return None
         cosine = (F.normalize(prediction.float(), dim=1) * F.normalize(labels.float(), dim=1)).sum(dim=1)
         return 1 - cosine[valid].mean()
+
+    def loss_count(self, batch: Any) -> int:
+        labels = self.labels(batch)
+        return 0 if labels is None else int(normal_mask(labels).sum())
 
     def _meter(self) -> MetricMeter:
         return NormalsMeter()

@@ -15,6 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from dualhead.core import distributed
 from dualhead.mtl.balancers.base import full_precision
 from dualhead.mtl.balancers.jacobian import gramian
 
@@ -26,7 +27,8 @@ def gradient_conflict(losses: Mapping[str, Tensor], params: Sequence[Tensor]) ->
     """Per-task gradient norms at the shared parameters `params` and their pairwise cosines.
 
     Keys: ``"grad_norm/<task>"`` and ``"cosine/<a>~<b>"`` (pairs in the order of `losses`). The graph
-    is kept, so the training step's backward can follow. A zero gradient has cosine 0 with all.
+    is kept, so the training step's backward can follow. A zero gradient has cosine 0 with all. With
+    several processes, each loss carries this process's share and the gradients are summed over them.
     """
     names = list(losses)
     params = [p for p in params if p.requires_grad]
@@ -38,6 +40,8 @@ def gradient_conflict(losses: Mapping[str, Tensor], params: Sequence[Tensor]) ->
                 losses[name], params, retain_graph=True, allow_unused=True), strict=True)]
             for name in names
         ]
+        # with several processes, each loss carries this process's share: sum them
+        distributed.all_reduce_([grad for task in grads for grad in task])
         products = gramian(grads)
         norms = torch.diagonal(products).clamp_min(0).sqrt()
         cosines = products / (norms[:, None] * norms[None, :]).clamp_min(1e-30)

@@ -8,8 +8,9 @@ the reference schedule of task weights, and scoring with routed and oracle accur
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from dualhead.backbones.freeze import freeze_module, is_frozen, unfreeze_module
+from dualhead.core import distributed
 from dualhead.core.experiment import Experiment
 from dualhead.vqa.config import REFERENCE_TASK_WEIGHTS, VQARunConfig
 from dualhead.vqa.data import AnswerVocab, ImageStore, VQARecord, VQASplits, load_splits
@@ -136,10 +138,7 @@ class VQAExperiment(Experiment):
         self.stage = stage
         self.cache = None
         if cfg.train.cache_frozen_features and any(stage):
-            self.cache = EncoderFeatureCache.build(
-                self.model, self.splits.train + self.splits.val + self.splits.test, self.store, self.device,
-                self.autocast(), images=stage[0], texts=stage[1], progress=cfg.train.progress,
-            )
+            self.cache = self.build_cache(images=stage[0], texts=stage[1])
         self._train_loader = self.loader(self.splits.train, self._sampler, augment=cfg.data.augment)
 
     def batch_size_of(self, batch: VQABatch) -> int:
@@ -175,6 +174,38 @@ class VQAExperiment(Experiment):
 
     # -- VQA's own ---------------------------------------------------------------------------------
 
+    def build_cache(self, images: bool, texts: bool) -> EncoderFeatureCache:
+        """The frozen encoders' features of every split's distinct images and/or questions, computed once:
+        with several processes, each encodes its share and all gather the whole cache."""
+        records = self.splits.train + self.splits.val + self.splits.test
+        progress = self.config.train.progress and distributed.is_main()
+
+        def build(subset: list[VQARecord], images: bool, texts: bool) -> EncoderFeatureCache:
+            return EncoderFeatureCache.build(
+                self.model, subset, self.store, self.device, self.autocast(), images, texts, progress=progress
+            )
+
+        def image_features(subset: list[VQARecord]) -> tuple[dict, Tensor]:
+            built = build(subset, images=True, texts=False)
+            return built.image_rows, built.image_features
+
+        def text_features(subset: list[VQARecord]) -> tuple[dict, Tensor]:
+            built = build(subset, images=False, texts=True)
+            return built.question_rows, built.text_features
+
+        if not distributed.is_distributed():
+            return build(records, images, texts)
+        cache = EncoderFeatureCache()
+        if images:
+            cache.image_rows, cache.image_features = gather_shared_features(
+                records, attrgetter("image"), image_features
+            )
+        if texts:
+            cache.question_rows, cache.text_features = gather_shared_features(
+                records, attrgetter("question"), text_features
+            )
+        return cache
+
     def loader(self, records: list[VQARecord], sampler: GroupedBatchSampler, augment: bool = False) -> DataLoader:
         return make_loader(self.model, records, sampler, self.store, self.cache, self.config.data.num_workers, augment, self.soft_targets)
 
@@ -182,6 +213,26 @@ class VQAExperiment(Experiment):
         """Head probabilities for `records` (in grouped order) with the current weights."""
         loader = self.loader(records, eval_sampler(records, max(self.config.data.batch_size, 128)))
         return collect_probabilities(self.predict_batches(loader))
+
+
+def gather_shared_features(
+    records: list[VQARecord],
+    key: Callable[[VQARecord], Any],
+    encode: Callable[[list[VQARecord]], tuple[dict, Tensor]],
+) -> tuple[dict, Tensor]:
+    """Rows and features of every distinct ``key(record)``, each process encoding every N-th one (with
+    `encode`: records -> (rows by key, features)) and gathering the others'. With fewer distinct keys
+    than processes, each process encodes them all."""
+    keys = list(dict.fromkeys(key(record) for record in records))
+    rank, world = distributed.rank(), distributed.world_size()
+    if len(keys) < world:
+        return encode(records)
+    mine = keys[rank::world]
+    wanted = set(mine)
+    rows, features = encode([record for record in records if key(record) in wanted])
+    shares = distributed.all_gather_rows(features[[rows[k] for k in mine]])
+    order = [k for r in range(world) for k in keys[r::world]]
+    return {k: row for row, k in enumerate(order)}, torch.cat(shares)
 
 
 def collect_probabilities(outputs: Iterable[tuple[VQABatch, DualHeadOutput]]) -> Prediction:

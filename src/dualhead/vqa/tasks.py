@@ -54,6 +54,9 @@ class ClassificationTask(Task):
     def loss(self, prediction: Tensor, batch: VQABatch) -> Tensor | None:
         return self.criterion(prediction, getattr(batch, self.target))
 
+    def loss_count(self, batch: VQABatch) -> int:
+        return int((getattr(batch, self.target) != IGNORE).sum())
+
     def meter(self) -> MetricMeter:
         return TargetAccuracy(self.primary_metric, self.target)
 
@@ -87,6 +90,11 @@ class OpenTask(ClassificationTask):
             labelled = ~batch.is_binary & (batch.open_soft.sum(-1) > 0)
             return self.soft(prediction, batch.open_soft, labelled)
         return super().loss(prediction, batch)
+
+    def loss_count(self, batch: VQABatch) -> int:
+        if self.soft is not None and batch.open_soft is not None:
+            return int((~batch.is_binary & (batch.open_soft.sum(-1) > 0)).sum())
+        return super().loss_count(batch)
 
 
 @VQA_TASKS.register(SINGLE_TASK)

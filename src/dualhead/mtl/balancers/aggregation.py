@@ -14,7 +14,8 @@ torchjd leaves to the caller:
   (``mode="representation"``: only where every row of it feeds every task, as in dense tasks on
   the same image; with partial labels it cannot show conflict, and the Trainer refuses it); heads
   always get their own task's plain gradient
-  (see `dualhead.mtl.balancers.jacobian`, also for the DDP notes).
+  (see `dualhead.mtl.balancers.jacobian`, also for several processes: the per-task gradients are
+  all-reduced before they are aggregated, so every process aggregates what one process would see).
 - ``update_every=k``: aggregate every k-th step, and in between use the last weights as a plain
   weighted sum (only one pass through the heads), for the expensive methods.
 
@@ -48,6 +49,7 @@ from torchjd.aggregation import (
     Weighting,
 )
 
+from dualhead.core import distributed
 from dualhead.mtl.balancers.base import BALANCERS, Balancer, BalanceReport, full_precision, plain_backward
 from dualhead.mtl.balancers.jacobian import (
     accumulate_combination,
@@ -55,7 +57,9 @@ from dualhead.mtl.balancers.jacobian import (
     backward_through_features,
     check_features,
     check_mode,
+    feature_gramian,
     feature_jacobian,
+    gather_columns,
     gramian,
     task_gradients,
 )
@@ -228,6 +232,19 @@ class JacobianAggregation(Balancer):
         self._store_state(aggregator, index)
         return weights
 
+    def combine_features(self, jacobian: Tensor, tasks: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """`combine` for a per-sample Jacobian, of which this process holds its samples' columns: the
+        weights from the global Gramian where they depend on it alone, else from the gathered Jacobian;
+        the direction on this process's columns."""
+        if not distributed.is_distributed():
+            return self.combine(jacobian, tasks)
+        weights = self.gramian_weights(feature_gramian(jacobian), tasks)
+        if weights is not None:
+            return weights @ jacobian, weights
+        full, start = gather_columns(jacobian)
+        direction, weights = self.combine(full, tasks)
+        return direction[start : start + jacobian.shape[1]], weights
+
     def _due(self, mask: Tensor) -> bool:
         return not torch.equal(mask, self.cached_tasks) or int(self.steps_since_update) >= self.update_every
 
@@ -263,7 +280,7 @@ class JacobianAggregation(Balancer):
         chunk = self.parallel_chunk_size
         if self.mode == "representation":
             jacobian = feature_jacobian(tensors, features, parallel_chunk_size=chunk)
-            direction, weights = self.combine(jacobian, present)
+            direction, weights = self.combine_features(jacobian, present)
             backward_through_features(tensors, features, direction, extra_loss)
         else:
             # One ordinary backward per task; most methods need only the Gramian of the task

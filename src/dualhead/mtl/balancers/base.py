@@ -11,6 +11,13 @@ objective's gradient, or the method's own update direction) into ``.grad``. Per-
 are separate tensors, so a task absent from a batch gets no gradient and the optimiser leaves it
 alone. Statistics a method updates itself (loss histories, moving averages) are buffers. Both
 travel in the state dict.
+
+With several processes (`dualhead.core.distributed`), every process's balancer gets the same tasks,
+each loss valued over the global batch, with this process's share of its gradient; the trainer sums
+the model's ``.grad`` over processes after ``backward``. A method that weighs losses by their values
+therefore needs nothing more: its weights, state and own parameters' gradients come out the same on
+every process (random draws too: the trainer seeds them alike). Per-task gradients are all-reduced
+where `dualhead.mtl.balancers.jacobian` forms them.
 """
 
 from __future__ import annotations

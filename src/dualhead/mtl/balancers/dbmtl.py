@@ -24,7 +24,8 @@ class DBMTL(Balancer):
 
     The moving averages live in parameter space (a ``[tasks, shared parameters]`` buffer, sized at
     the first step), so there is no representation mode: per-sample representation gradients of
-    different batches do not average. DDP: all-reduce the combined update where it is written.
+    different batches do not average. Several processes: the Jacobian is summed over them before the
+    moving averages see it (`shared_jacobian`), so every process keeps the same averages.
     """
 
     def __init__(

@@ -17,7 +17,13 @@ from dualhead.mtl.balancers.base import (
     full_precision,
     plain_backward,
 )
-from dualhead.mtl.balancers.jacobian import check_features, check_mode, feature_jacobian, params_jacobian
+from dualhead.mtl.balancers.jacobian import (
+    check_features,
+    check_mode,
+    feature_jacobian,
+    feature_norms,
+    params_jacobian,
+)
 
 
 @BALANCERS.register("gradnorm")
@@ -90,10 +96,11 @@ class GradNorm(Balancer):
                     jacobian = feature_jacobian(
                         tensors, features, parallel_chunk_size=self.parallel_chunk_size
                     )
+                    norms = feature_norms(jacobian).to(weights)
                 else:
                     params = [p for p in shared_params if p.requires_grad]
                     jacobian = params_jacobian(tensors, params, parallel_chunk_size=self.parallel_chunk_size)
-            norms = jacobian.norm(dim=1).to(weights)
+                    norms = jacobian.norm(dim=1).to(weights)
             ratios = values / self.initial_losses[index]
             target = (weights * norms).mean() * (ratios / ratios.mean()) ** self.alpha
             grads = torch.sign(weights * norms - target) * norms

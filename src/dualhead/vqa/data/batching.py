@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
 
+from dualhead.core.distributed import ShardableBatchSampler
 from dualhead.vqa.data.answers import AnswerVocab
 from dualhead.vqa.data.images import ImagePreprocessor, ImageStore, question_allows_flip
 from dualhead.vqa.data.records import BINARY, OPEN, VQARecord
@@ -24,12 +24,13 @@ from dualhead.vqa.data.records import BINARY, OPEN, VQARecord
 IGNORE = -100  # target of a question that a head does not learn from
 
 
-class GroupedBatchSampler(Sampler[list[int]]):
+class GroupedBatchSampler(ShardableBatchSampler):
     """Yields batches of record indices that group several questions of the same image.
 
     Every record appears exactly once per epoch. Each image's questions are shuffled and cut into
     chunks of at most `questions_per_image`; the chunks are shuffled and packed into batches of at
-    most `batch_size` questions. `set_epoch` reshuffles deterministically.
+    most `batch_size` questions. `set_epoch` reshuffles deterministically; with several processes
+    (`shard`), each takes every N-th batch, so a step's global batch is N batches.
     """
 
     def __init__(self, records: Sequence[VQARecord], batch_size: int, questions_per_image: int = 4, shuffle: bool = True, seed: int = 0):
@@ -43,17 +44,10 @@ class GroupedBatchSampler(Sampler[list[int]]):
         # at least two images per batch: one image alone breaks batch norm in training
         self.questions_per_image = max(1, min(questions_per_image, batch_size // 2))
         self.shuffle = shuffle
-        self.seed = seed
-        self.set_epoch(0)
+        super().__init__(seed)
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Shuffle for `epoch`; the first `skip` batches are left out (resuming mid-epoch)."""
-        self.epoch = epoch
-        self.skip = skip
-        self._epoch_batches = self._batches()
-
-    def _batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = random.Random(self.seed * 1_000_003 + epoch)
         chunks = []
         for group in self.groups:
             group = list(group)
@@ -71,17 +65,6 @@ class GroupedBatchSampler(Sampler[list[int]]):
             last = batches.pop()
             batches[-1] += last
         return [[index for chunk in batch for index in chunk] for batch in batches if batch]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._epoch_batches[self.skip :]
-
-    @property
-    def epoch_length(self) -> int:
-        """Batches in the current epoch, skipped ones included (packing varies a little by epoch)."""
-        return len(self._epoch_batches)
-
-    def __len__(self) -> int:
-        return len(self._epoch_batches) - self.skip
 
 
 @dataclass
