@@ -6,6 +6,7 @@ one single-task model per task; test metrics mean ± std over seeds, Δm, parame
 Every model trains from the bundled ``scenes`` config on the same scenes (``data.seed`` is fixed;
 the seeds are training seeds). Finished runs are read back from ``--out``, so an interrupted
 benchmark picks up where it stopped. ``--quick`` trains tiny models on tiny data (a smoke test).
+`benchmarks.architectures` compares every registered architecture the same way.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 USAGE = "python -m benchmarks.scenes [--seeds 0 1 2] [--out DIR] [--quick] [key=value ...]"
 
@@ -30,22 +33,43 @@ from dualhead.dense.metrics import delta_m  # noqa: E402
 from dualhead.dense.tasks import DENSE_TASKS  # noqa: E402
 
 TASKS = ("seg", "depth", "normals")
-MULTI = "multi-task"
+MULTI = "multi-task"  # hard_fpn on every task
 SUMMARY_FILE = "benchmark_summary.json"
-QUICK = ["data.image_size=32", "data.train_size=64", "data.val_size=16", "data.test_size=16", "train.epochs=1"]
+QUICK = [
+    "data.image_size=32",
+    "data.train_size=64",
+    "data.val_size=16",
+    "data.test_size=16",
+    "train.epochs=1",
+]
 
 
 def run(variant: str, seed: int, out: Path, overrides: list[str]) -> dict:
-    """Train one model (or read back a finished run): test metrics, parameters, training images/s."""
+    """Train one model (or read back a finished run): test metrics, parameters, training images/s,
+    inference ms/image. `variant`: a task (its single-task hard_fpn baseline), `MULTI` (hard_fpn on
+    every task), or an architecture name (that architecture on every task)."""
     run_dir = out / f"{variant}-seed{seed}"
     summary = run_dir / SUMMARY_FILE
     if summary.is_file():
         result = json.loads(summary.read_text())
         if result["overrides"] != overrides:
-            sys.exit(f"{run_dir} was trained with overrides {result['overrides']}, not {overrides}: choose another --out")
+            sys.exit(
+                f"{run_dir} was trained with overrides {result['overrides']}, not {overrides}: "
+                "choose another --out"
+            )
         return result
-    tasks = list(TASKS) if variant == MULTI else [variant]
-    config = load_config("scenes", [f"data.tasks=[{','.join(tasks)}]", f"train.seed={seed}", "train.progress=false", *overrides])
+    tasks = [variant] if variant in TASKS else list(TASKS)
+    architecture = [] if variant in (*TASKS, MULTI) else [f"model.architecture={variant}"]
+    config = load_config(
+        "scenes",
+        [
+            f"data.tasks=[{','.join(tasks)}]",
+            *architecture,
+            f"train.seed={seed}",
+            "train.progress=false",
+            *overrides,
+        ],
+    )
     trainer = Trainer(config, run_dir)
     results = trainer.fit()
     epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -55,9 +79,29 @@ def run(variant: str, seed: int, out: Path, overrides: list[str]) -> dict:
         "test": results["test"],
         "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "images_per_second": statistics.mean(speeds),
+        "inference_ms_per_image": inference_ms_per_image(trainer),
     }
     summary.write_text(json.dumps(result, indent=2))
     return result
+
+
+def inference_ms_per_image(trainer: Trainer, repeats: int = 10) -> float:
+    """Median milliseconds per image of the trained model's forward pass on one test batch (eval mode,
+    the run's precision, after two warm-up passes)."""
+    experiment = trainer.experiment
+    batch = experiment.to_device(next(iter(experiment.eval_loader("test"))))
+    experiment.model.eval()
+    durations = []
+    with torch.no_grad():
+        for index in range(repeats + 2):
+            started = time.perf_counter()
+            with experiment.autocast():
+                experiment.forward(batch)
+            if experiment.device.type == "cuda":
+                torch.cuda.synchronize()
+            if index >= 2:
+                durations.append(time.perf_counter() - started)
+    return 1000 * statistics.median(durations) / experiment.batch_size_of(batch)
 
 
 def mean_std(values: list[float], scale: float = 1.0) -> str:
@@ -68,52 +112,81 @@ def mean_std(values: list[float], scale: float = 1.0) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
-def table(results: dict[str, list[dict]], seeds: list[int]) -> str:
-    """Markdown: a row per model, a column per test metric (percentages for fractions), Δm of the
-    multi-task model against the single-task models of the same seed."""
-    directions = {f"{task}/{metric}": higher for task in TASKS for metric, higher in DENSE_TASKS[task].metrics.items()}
+def table(results: dict[str, list[dict]], multi: dict[str, str]) -> str:
+    """Markdown: the single-task baselines, then each multi-task variant of `multi` (variant -> row
+    label); a column per test metric (percentages for fractions), Δm against the single-task models
+    of the same seed, parameters, training images/s, inference ms/image."""
+    directions = {
+        f"{task}/{metric}": higher for task in TASKS for metric, higher in DENSE_TASKS[task].metrics.items()
+    }
     percent = {"seg/miou", "seg/pixel_acc", "depth/rel_err"} | {m for m in directions if "within" in m}
     columns = [f"{m}{' %' if m in percent else ''} {'↑' if up else '↓'}" for m, up in directions.items()]
-    lines = ["| model | " + " | ".join(columns) + " | Δm % | parameters | train images/s |",
-             "| --- |" + " ---: |" * (len(columns) + 3)]
-    deltas = []
-    for index in range(len(seeds)):
-        single = {m: results[m.split("/")[0]][index]["test"][m] for m in directions}
-        try:
-            deltas.append(delta_m(results[MULTI][index]["test"], single, directions))
-        except ValueError:  # a baseline scored 0 on some metric (tiny --quick runs)
-            deltas.append(float("nan"))
-    for variant, runs in results.items():
+    lines = [
+        "| model | " + " | ".join(columns) + " | Δm % | parameters | train images/s | inference ms/image |",
+        "| --- |" + " ---: |" * (len(columns) + 4),
+    ]
+    rows = [(task, f"single-task {task}") for task in TASKS] + list(multi.items())
+    for variant, label in rows:
+        runs = results[variant]
         cells = []
         for metric in directions:
             values = [r["test"][metric] for r in runs if metric in r["test"]]
             cells.append(mean_std(values, 100 if metric in percent else 1) if values else "")
-        delta = mean_std(deltas) if variant == MULTI else "0 (baseline)"
+        if variant in TASKS:
+            delta = "0 (baseline)"
+        else:
+            deltas = []
+            for index, r in enumerate(runs):
+                single = {m: results[m.split("/")[0]][index]["test"][m] for m in directions}
+                try:
+                    deltas.append(delta_m(r["test"], single, directions))
+                except ValueError:  # a baseline scored 0 on some metric (tiny --quick runs)
+                    deltas.append(float("nan"))
+            delta = mean_std(deltas)
         speed = statistics.mean(r["images_per_second"] for r in runs)
-        name = variant if variant == MULTI else f"single-task {variant}"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {delta} | {runs[0]['parameters'] / 1e6:.2f} M | {speed:.0f} |")
+        latencies = [r["inference_ms_per_image"] for r in runs if "inference_ms_per_image" in r]
+        latency = f"{statistics.mean(latencies):.2f}" if latencies else ""
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {delta} | {runs[0]['parameters'] / 1e6:.2f} M | {speed:.0f} | {latency} |"
+        )
     singles = sum(results[task][0]["parameters"] for task in TASKS)
     lines.append(f"\nThe three single-task models hold {singles / 1e6:.2f} M parameters in all.")
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, usage=USAGE)
+def arguments(description: str, usage: str, default_out: str) -> argparse.ArgumentParser:
+    """The options the scenes benchmarks share."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, usage=usage
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="runs/bench/scenes")
-    parser.add_argument("--quick", action="store_true", help="tiny data and one epoch: checks that the benchmark runs")
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny data and one epoch: checks that the benchmark runs"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = parser.parse_args()
+    return parser
+
+
+def train_all(variants: list[str], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Every variant for every seed (finished runs read back): {variant: [result per seed]}."""
     overrides = (QUICK if args.quick else []) + list(args.overrides)
     out = Path(args.out) / ("quick" if args.quick else "full")
-    results = {variant: [] for variant in (*TASKS, MULTI)}
+    results: dict[str, list[dict]] = {variant: [] for variant in variants}
     for seed in args.seeds:
-        for variant in results:
+        for variant in variants:
             results[variant].append(run(variant, seed, out, overrides))
             print(f"done: {variant}, seed {seed}", flush=True)
-    command = "python -m benchmarks.scenes " + " ".join(sys.argv[1:])
-    print("\n" + header(command.strip()))
-    print(table(results, args.seeds))
+    return results
+
+
+def main() -> None:
+    args = arguments(__doc__, USAGE, "runs/bench/scenes").parse_args()
+    results = train_all([*TASKS, MULTI], args)
+    print("\n" + header(f"python -m benchmarks.scenes {' '.join(sys.argv[1:])}".strip()))
+    print(table(results, {MULTI: "multi-task"}))
 
 
 if __name__ == "__main__":

@@ -23,10 +23,20 @@ class DenseModelConfig:
     """A multi-scale backbone, the shared architecture on top of it, and the task heads' width."""
 
     backbone: VisionConfig = field(default_factory=_default_backbone)
-    architecture: str = "hard_fpn"  # see dualhead.dense.models.DENSE_ARCHITECTURES
+    # hard_fpn | mtan | cross_stitch | multitask_fpn | sluice (dualhead.dense.models.DENSE_ARCHITECTURES)
+    architecture: str = "hard_fpn"
     out_indices: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # backbone levels (strides 4..32)
     fpn_dim: int = 64
     head_dim: int = 64
+    # Options of one architecture each (the others ignore them):
+    # multitask_fpn: the levels (positions in out_indices, 0 = finest) each task's head reads, e.g.
+    # {depth: [2, 3]}; a task not named reads every level.
+    task_levels: dict[str, list[int]] = field(default_factory=dict)
+    # cross_stitch, sluice: the share of its own activations a column (sluice: a subspace) keeps when
+    # the learned mixing starts; the rest comes evenly from the others (Misra et al.: 0.9).
+    stitch_self_weight: float = 0.9
+    # sluice: equal channel groups each level is split into, mixed across tasks separately.
+    sluice_subspaces: int = 2
 
 
 @dataclass

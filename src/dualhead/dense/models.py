@@ -3,7 +3,9 @@
 ``hard_fpn`` is the classic hard-sharing design (the reference's Sketch 1): backbone -> feature
 pyramid network -> one map that every head reads. Architectures register in
 `DENSE_ARCHITECTURES` and take (model config, {task: HeadSpec}); `DenseModel` gives them
-``save_pretrained`` / ``from_pretrained`` (config JSON + safetensors, no pickle).
+``save_pretrained`` / ``from_pretrained`` (config JSON + safetensors, no pickle). The soft-sharing
+and attention designs (``mtan``, ``cross_stitch``, ``multitask_fpn``, ``sluice``) are in
+`dualhead.dense.architectures`, registered when this module is imported.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from dualhead.core.model import MultiTaskModel, TaskOutputs
 from dualhead.core.registry import Registry
 from dualhead.dense.config import DenseModelConfig
 from dualhead.dense.tasks import HeadSpec
+from dualhead.mtl.architectures.pyramid import FeaturePyramid, conv_bn_relu
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -88,42 +91,17 @@ class DenseModel(MultiTaskModel):
         """Load the weights of a saved model of the same configuration into this one."""
         self.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE), device=str(map_location)))
 
+    def task_modules(self, task: str) -> list[nn.Module]:
+        """The modules only `task`'s loss reaches (its decoder and head): no other task's loss gives
+        them a gradient. What is neither shared nor a task's own is soft-shared (cross-stitch columns)."""
+        return [self.heads[task]]
+
 
 def build_dense_model(config: DenseModelConfig, heads: Mapping[str, HeadSpec], pretrained: bool = True) -> DenseModel:
     """The architecture `config.architecture` names, with one head per entry of `heads`."""
     if not heads:
         raise ValueError("a dense model needs at least one task head")
     return DENSE_ARCHITECTURES.build(config.architecture, config, heads, pretrained=pretrained)
-
-
-def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
-    )
-
-
-class FeaturePyramid(nn.Module):
-    """FPN (Lin et al., CVPR 2017) fused into one map at the finest level.
-
-    Lateral 1x1 convs bring every level to `dim` channels, a top-down pass adds each coarser level
-    (nearest upsampling) to the next finer one, and 3x3 convs smooth the sums. As Panoptic FPN's
-    semantic head does (Kirillov et al., CVPR 2019), each level then goes through a 3x3
-    conv-BN-ReLU, is upsampled bilinearly to the finest level, and the levels are summed.
-    """
-
-    def __init__(self, in_channels: Sequence[int], dim: int):
-        super().__init__()
-        self.lateral = nn.ModuleList(nn.Conv2d(c, dim, 1) for c in in_channels)
-        self.smooth = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in in_channels)
-        self.fuse = nn.ModuleList(conv_bn_relu(dim, dim) for _ in in_channels)
-
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
-        levels = [lateral(x) for lateral, x in zip(self.lateral, features, strict=True)]
-        for i in range(len(levels) - 2, -1, -1):
-            levels[i] = levels[i] + F.interpolate(levels[i + 1], size=levels[i].shape[-2:], mode="nearest")
-        size = levels[0].shape[-2:]
-        fused = [fuse(smooth(x)) for smooth, fuse, x in zip(self.smooth, self.fuse, levels, strict=True)]
-        return sum(x if x.shape[-2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in fused)
 
 
 class DenseHead(nn.Module):
@@ -176,3 +154,7 @@ class HardSharingFPN(DenseModel):
 
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.backbone] if self.config.backbone.weights != "none" else []
+
+
+# The other architectures register themselves in DENSE_ARCHITECTURES (they build on the classes above).
+from dualhead.dense import architectures as _architectures  # noqa: E402, F401
