@@ -261,7 +261,7 @@ def test_text_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match=rf"weights directory not found: {tmp_path / 'nope'}"):
         build_text_encoder(TextConfig(name="distilbert", weights=str(tmp_path / "nope")))
     with pytest.raises(ValueError, match="'distilbert' and 'bert-base' only"):
-        build_text_encoder(TextConfig(name="minilm", num_layers=2))
+        build_text_encoder(TextConfig(name="minilm", hidden_size=128))
 
 
 @pytest.mark.slow

@@ -18,10 +18,10 @@ from dualhead.vqa.model import DualHeadVQA
 from tests.conftest import tiny_model_config
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=["attention", "cross_attention"])
+def exported(tmp_path_factory, request):
     torch.manual_seed(0)
-    model = DualHeadVQA(tiny_model_config(), AnswerVocab(["red", "blue", "green"])).eval()
+    model = DualHeadVQA(tiny_model_config(fusion=request.param), AnswerVocab(["red", "blue", "green"])).eval()
     out = tmp_path_factory.mktemp("onnx")
     export_onnx(model, out, quantize=True)
     return model, out

@@ -25,7 +25,7 @@ def _inputs(model: DualHeadVQA, questions: list[str], n_images: int = 2):
 QUESTIONS = ["Is there a circle?", "What color is the shape?", "What shape is it?"]
 
 
-@pytest.mark.parametrize("fusion", ["attention", "concat", "product", "gated"])
+@pytest.mark.parametrize("fusion", ["attention", "cross_attention", "concat", "product", "gated"])
 @pytest.mark.parametrize("variant", ["reference", "deep_heads", "larger_fusion", "single_head", "no_router"])
 def test_output_shapes(fusion: str, variant: str):
     changes = {"fusion": fusion}
@@ -51,6 +51,10 @@ def test_output_shapes(fusion: str, variant: str):
     if fusion == "attention":
         assert out.attention.shape == (batch, 2, 2)
         torch.testing.assert_close(out.attention.sum(-1), torch.ones(batch, 2))
+    elif fusion == "cross_attention":
+        rows, columns = model.vision.region_grid
+        assert out.attention.shape == (batch, rows * columns)
+        torch.testing.assert_close(out.attention.sum(-1), torch.ones(batch))
     else:
         assert out.attention is None
 
@@ -62,8 +66,9 @@ def test_deep_heads_add_one_block_each():
     assert deep["fusion"] == base["fusion"]
 
 
-def test_grouped_inputs_match_per_question_inputs():
-    model = DualHeadVQA(tiny_model_config(), VOCAB).eval()
+@pytest.mark.parametrize("fusion", ["attention", "cross_attention"])
+def test_grouped_inputs_match_per_question_inputs(fusion: str):
+    model = DualHeadVQA(tiny_model_config(fusion=fusion), VOCAB).eval()
     grouped = _inputs(model, QUESTIONS, n_images=2)
     per_question = dict(grouped)
     per_question["pixel_values"] = grouped["pixel_values"][grouped["image_index"]]
@@ -94,8 +99,9 @@ def test_frozen_encoders_get_no_gradient_and_keep_weights(frozen: str):
     assert all(p.grad is not None for p in model.fusion.parameters())
 
 
-def test_save_and_load_give_identical_logits(tmp_path):
-    model = DualHeadVQA(tiny_model_config(), VOCAB).eval()
+@pytest.mark.parametrize("fusion", ["attention", "cross_attention"])
+def test_save_and_load_give_identical_logits(tmp_path, fusion: str):
+    model = DualHeadVQA(tiny_model_config(fusion=fusion), VOCAB).eval()
     inputs = _inputs(model, QUESTIONS)
     model.save_pretrained(tmp_path / "saved")
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["answers.json", "config.json", "model.safetensors", "text_encoder"]
@@ -141,3 +147,30 @@ def test_answer_routes_yes_no_questions_to_the_binary_head(tmp_path):
 def test_unknown_fusion_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown fusion 'bilinear'"):
         DualHeadVQA(tiny_model_config(fusion="bilinear"), VOCAB)
+
+
+def test_cross_attention_reads_regions_and_words_and_cached_features_give_the_same_logits():
+    """Token features computed apart (as the frozen-feature cache does, in chunks of different
+    question lengths) stack, and feeding them gives the logits of the raw inputs."""
+    model = DualHeadVQA(tiny_model_config(fusion="cross_attention", fusion_layers=1), VOCAB).eval()
+    inputs = _inputs(model, QUESTIONS)
+    rows, columns = model.vision.region_grid
+    with torch.no_grad():
+        regions = model.encode_images(inputs["pixel_values"])
+        chunks = [model.text.tokenize(QUESTIONS[:1]), model.text.tokenize(QUESTIONS[1:])]
+        words = torch.cat([model.encode_questions(t["input_ids"], t["attention_mask"]) for t in chunks])
+        direct = model(**inputs)
+        cached = model(image_features=regions, text_features=words, image_index=inputs["image_index"])
+    assert regions.shape == (2, rows * columns, model.vision.out_dim)
+    assert words.shape == (len(QUESTIONS), model.config.text.max_length, model.text.out_dim)
+    torch.testing.assert_close(direct.open_logits, cached.open_logits)
+    torch.testing.assert_close(direct.router_logits, cached.router_logits)
+    pooled = model.text(inputs["input_ids"], inputs["attention_mask"])
+    torch.testing.assert_close(model.pooled_question(words), pooled, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_refuses_another_image_size():
+    model = DualHeadVQA(tiny_model_config(fusion="cross_attention"), VOCAB).eval()
+    tokens = model.text.tokenize(QUESTIONS[:1])
+    with pytest.raises(ValueError, match="image regions"):
+        model(pixel_values=torch.randn(1, 3, 64, 64), **tokens)

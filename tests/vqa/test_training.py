@@ -97,11 +97,14 @@ def test_same_seed_gives_the_same_model_twice(shapes_root, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def test_frozen_encoder_feature_cache_gives_the_features_the_encoders_give(shapes_root, tmp_path):
+@pytest.mark.parametrize("fusion", ["attention", "cross_attention"])
+def test_frozen_encoder_feature_cache_gives_the_features_the_encoders_give(shapes_root, tmp_path, fusion):
     """What the cache must make equal is the model's input: fp32 features of the same images and
-    questions, computed in other batch shapes. Training on either then differs only by rounding,
-    which a CPU's kernels may amplify over an epoch (so weights after training are not compared)."""
+    questions (pooled vectors, or region tokens and word states), computed in other batch shapes.
+    Training on either then differs only by rounding, which a CPU's kernels may amplify over an
+    epoch (so weights after training are not compared)."""
     config = tiny_run_config(shapes_root, tmp_path, epochs=1)
+    config.model.fusion = fusion
     config.model.vision.freeze = True
     config.model.text.freeze = True
     trainer = Trainer(config, tmp_path / "run")

@@ -32,6 +32,7 @@ class TextConfig:
     pooling: str = "mean"  # "mean" or "cls"
     freeze: bool = False
     max_length: int = 32
-    # For the architecture names only: shrink the encoder (tests use tiny ones).
+    # Architecture names at random init: shrink the encoder (tests use tiny ones). A loaded model
+    # (minilm, a local directory, `weights`) keeps its first `num_layers` layers; its width is its own.
     num_layers: int | None = None
     hidden_size: int | None = None

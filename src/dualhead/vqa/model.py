@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from dualhead.backbones.freeze import freeze_module
-from dualhead.backbones.text import build_text_encoder, text_encoder_from_files
+from dualhead.backbones.text import build_text_encoder, text_encoder_from_files, token_mask
 from dualhead.backbones.vision import build_vision_encoder
 from dualhead.core.config import config_from_dict, config_to_dict
 from dualhead.core.model import MultiTaskModel
@@ -49,7 +49,9 @@ class DualHeadOutput:
     binary_logits: Tensor | None
     open_logits: Tensor
     router_logits: Tensor | None
-    attention: Tensor | None  # [B, 2, 2] fusion attention weights (attention fusion only)
+    # attention fusion: [B, 2, 2] weights between the image and question tokens; cross_attention:
+    # [B, R] the question's attention over the image regions (`VisionEncoder.region_grid`)
+    attention: Tensor | None
     fused: Tensor  # [B, d] the last shared representation
 
     @property
@@ -95,8 +97,11 @@ class DualHeadVQA(MultiTaskModel):
         if config.text.freeze:
             freeze_module(self.text)
         self.fusion = build_fusion(
-            config.fusion, self.vision.out_dim, self.text.out_dim, config.hidden_dim, config.num_heads, config.fusion_dropout
+            config.fusion, self.vision.out_dim, self.text.out_dim, config.hidden_dim, config.num_heads, config.fusion_dropout,
+            num_regions=self.vision.region_grid[0] * self.vision.region_grid[1], layers=config.fusion_layers,
         )
+        # Whether the fusion reads region tokens and word states rather than one vector each.
+        self.reads_tokens: bool = self.fusion.reads_tokens
         d = config.hidden_dim
         if config.single_head:
             self.binary_head = None
@@ -119,12 +124,20 @@ class DualHeadVQA(MultiTaskModel):
     # -- encoding ---------------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """One pooled vector per image: [n_images, Dv]."""
-        return self.vision(pixel_values)
+        """What the fusion reads of each image: one pooled vector [n_images, Dv], or its region
+        tokens [n_images, R, Dv] for a token fusion."""
+        return self.vision.regions(pixel_values) if self.reads_tokens else self.vision(pixel_values)
 
     def encode_questions(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """One pooled vector per question: [n_questions, Dt]."""
+        """What the fusion reads of each question: one pooled vector [n_questions, Dt], or its word
+        states [n_questions, max_length, Dt] (zero at padding) for a token fusion."""
+        if self.reads_tokens:
+            return self.text.token_states(input_ids, attention_mask)
         return self.text(input_ids, attention_mask)
+
+    def pooled_question(self, text_features: Tensor) -> Tensor:
+        """One vector per question from `encode_questions`' output (what the router reads)."""
+        return self.text.pool(text_features, token_mask(text_features)) if self.reads_tokens else text_features
 
     def forward(
         self,
@@ -152,7 +165,7 @@ class DualHeadVQA(MultiTaskModel):
         return DualHeadOutput(
             binary_logits=self.binary_head(fused) if self.binary_head is not None else None,
             open_logits=self.open_head(fused),
-            router_logits=self.router(text_features) if self.router is not None else None,
+            router_logits=self.router(self.pooled_question(text_features)) if self.router is not None else None,
             attention=attention,
             fused=fused,
         )

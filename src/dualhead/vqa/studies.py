@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from dualhead.backbones.offline import MissingWeights, require_installed
 from dualhead.backbones.text import TEXT_ARCHITECTURES
 from dualhead.backbones.vision import OFFLINE_VISION_WEIGHTS, VISION_ARCHITECTURES
 from dualhead.core.config import config_to_dict, load_config, with_overrides
@@ -69,14 +70,23 @@ ABLATION = (
 )
 
 _RANDOM_VISION = "model.vision.weights=none"
+# Pretrained larger encoders (ImageNet EfficientNet-Lite2 at its native 260 px, all-mpnet-base-v2:
+# BERT-base sized); their weights come with the `large` extra and the MPNet packages (see README).
+_LITE2 = "model.vision.name=efficientnet_lite2"
+_MPNET = "model.text.name=mpnet"
 COMPARISON = (
     Variant("full", "Default encoders (the config's)"),
-    Variant("mobilenetv3_distilbert", "MobileNetV3-Small + DistilBERT",
+    Variant("lite2_minilm", "EfficientNet-Lite2 + MiniLM-L6 (pretrained)", (_LITE2,)),
+    Variant("lite0_mpnet", "EfficientNet-Lite0 + MPNet-base (pretrained)", (_MPNET,)),
+    Variant("lite2_mpnet", "EfficientNet-Lite2 + MPNet-base (pretrained)", (_LITE2, _MPNET)),
+    Variant("mobilenetv3_distilbert", "MobileNetV3-Small + DistilBERT (random init)",
             ("model.vision.name=mobilenetv3_small_100", _RANDOM_VISION, "model.text.name=distilbert"),
             reference={"overall": 67, "binary": 83, "open": 62, "parameters": 68e6, "hours": 2}),
-    Variant("resnet50_bert", "ResNet-50 + BERT-base", ("model.vision.name=resnet50", _RANDOM_VISION, "model.text.name=bert-base"),
+    Variant("resnet50_bert", "ResNet-50 + BERT-base (random init)",
+            ("model.vision.name=resnet50", _RANDOM_VISION, "model.text.name=bert-base"),
             reference={"overall": 68, "binary": 85, "open": 64, "parameters": 150e6, "hours": 6}),
-    Variant("vit_bert", "ViT-B/16 + BERT-base", ("model.vision.name=vit_base_patch16_224", _RANDOM_VISION, "model.text.name=bert-base"),
+    Variant("vit_bert", "ViT-B/16 + BERT-base (random init)",
+            ("model.vision.name=vit_base_patch16_224", _RANDOM_VISION, "model.text.name=bert-base"),
             reference={"overall": 70, "binary": 87, "open": 66, "parameters": 200e6, "hours": 8}),
     ABLATION[1],
     ABLATION[4],
@@ -219,6 +229,12 @@ def run_study(
     unknown = set(only) - {v.name for v in STUDIES[study]}
     if unknown:
         raise ValueError(f"unknown {study} variant(s) {sorted(unknown)}; choose from {[v.name for v in STUDIES[study]]}")
+    for variant in variants:  # the larger encoders' weights are optional packages: say so before training
+        model = with_overrides(base, list(variant.overrides)).model
+        try:
+            require_installed(model.vision.name if model.vision.weights == "offline" else None, model.text.name)
+        except MissingWeights as err:
+            raise MissingWeights(f"{study} row {variant.name!r}: {err}; or leave the row out with --only") from err
     if not load_splits(base.data, seed=base.train.seed).test:
         raise ValueError(f"a {study} reports test accuracy, but the {base.data.format} data has no test split")
     out_dir.mkdir(parents=True, exist_ok=True)
