@@ -1,4 +1,5 @@
-"""The `dualhead` command line: train, evaluate, predict, params, ablate, compare, data summary, plot."""
+"""The `dualhead` command line: train, pretrain, distill, evaluate, predict, explain, params, ablate,
+compare, export, serve, data summary, plot."""
 
 from __future__ import annotations
 
@@ -82,7 +83,19 @@ def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
 @click.argument("args", nargs=-1)
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue a stopped run from its last checkpoint.")
 def train(args: tuple[str, ...], resume_dir: str | None) -> None:
-    """Train a model: `dualhead train [config.yaml | bundled name] [key=value ...]` (default: easy_vqa)."""
+    """Train a model: `dualhead train [config.yaml | bundled name] [key=value ...]` (default: easy_vqa).
+
+    Several processes: `torchrun --nproc-per-node N -m dualhead train ...` (rank 0 writes the run)."""
+    from dualhead.core import distributed
+
+    try:
+        _train(args, resume_dir)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: tuple[str, ...], resume_dir: str | None) -> None:
+    from dualhead.core import distributed
     from dualhead.core.trainer import Trainer, new_run_dir
 
     if resume_dir:
@@ -91,13 +104,41 @@ def train(args: tuple[str, ...], resume_dir: str | None) -> None:
         trainer = Trainer.resume(Path(resume_dir))
     else:
         config = _load(args)
+        distributed.setup(config.train.device)  # under torchrun: the processes agree on the run directory
         run_dir = new_run_dir(config)
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if distributed.broadcast_object(run_dir.exists() and any(run_dir.iterdir())):
             _fail(f"run directory {run_dir} already exists: continue it with --resume {run_dir}, or set name=...")
         trainer = Trainer(config, run_dir)
     results = trainer.fit()
-    click.echo((trainer.run_dir / "results.md").read_text())
-    click.echo(f"run directory: {trainer.run_dir} (best checkpoint: {results['checkpoint']})")
+    if distributed.is_main():
+        click.echo((trainer.run_dir / "results.md").read_text())
+        click.echo(f"run directory: {trainer.run_dir} (best checkpoint: {results['checkpoint']})")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write the pretrained encoders.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Distinct images per batch.")
+@click.option("--encoder-lr", default=2e-5, show_default=True, type=float)
+@click.option("--temperature", default=0.07, show_default=True, type=float, help="Initial temperature (learned).")
+@click.option("--answers/--no-answers", default=True, show_default=True, help='Pair images with "question answer" text.')
+def pretrain(args: tuple[str, ...], out: str, epochs: int, batch_size: int, encoder_lr: float, temperature: float,
+             answers: bool) -> None:
+    """Align a VQA config's image and text encoders on its training split (contrastive, CLIP-style),
+    then print the overrides that train the dual-head model from them:
+    `dualhead pretrain vqa_rad --out runs/pretrain-vqa_rad`."""
+    from dualhead.vqa.pretrain import PretrainOptions
+    from dualhead.vqa.pretrain import pretrain as run_pretraining
+
+    config = _load(args)
+    options = PretrainOptions(epochs=epochs, batch_size=batch_size, encoder_lr=encoder_lr, temperature=temperature,
+                              with_answers=answers)
+    summary = run_pretraining(config, Path(out), options, progress=config.train.progress)
+    best = summary["best"]
+    click.echo(f"validation image->text recall@1: {summary['val_recall_at_1_before']:.3f} before, "
+               f"{best['val_recall_at_1']:.3f} after epoch {best['epoch']}")
+    click.echo("train from them with: dualhead train " + " ".join([*args, *summary["overrides"]]))
 
 
 @main.command()
@@ -130,7 +171,10 @@ def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str |
 @click.option("--question", help="The question.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False), help="JSONL of {image, question} to answer.")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Answers listed per question.")
-def predict(checkpoint: str, image: str | None, question: str | None, input_path: str | None, top_k: int) -> None:
+@click.option("--explain", "explain_png", type=click.Path(dir_okay=False),
+              help="With --image/--question: also write what the answer looked at to this PNG (see `explain`).")
+def predict(checkpoint: str, image: str | None, question: str | None, input_path: str | None, top_k: int,
+            explain_png: str | None) -> None:
     """Answer questions with a trained model: one (--image, --question) or many (--input file.jsonl).
 
     With --input, a bad line (not JSON, a missing field, an image that cannot be read) is reported
@@ -143,12 +187,14 @@ def predict(checkpoint: str, image: str | None, question: str | None, input_path
         _fail("use either --input or --image with --question, not both")
     if not input_path and not (image and question):
         _fail("give --image and --question, or --input file.jsonl")
+    if explain_png and input_path:
+        _fail("--explain answers one --image/--question, not an --input file")
     model = DualHeadVQA.from_pretrained(resolve_checkpoint(checkpoint))
     if not input_path:
-        answer = model.answer([image], [question], top_k=top_k)[0]
-        click.echo(f"answer: {answer.answer}  (head: {answer.head}, probability {answer.probability:.3f})")
-        for rank, (name, prob) in enumerate(answer.top, 1):
-            click.echo(f"  {rank}. {name:<30} {prob:.3f}")
+        if explain_png:
+            _explain(model, image, question, explain_png, top_k)
+            return
+        _echo_answer(model.answer([image], [question], top_k=top_k)[0])
         return
     queries, failures = _read_queries(Path(input_path))
     for start in range(0, len(queries), PREDICT_CHUNK):
@@ -172,6 +218,38 @@ def predict(checkpoint: str, image: str | None, question: str | None, input_path
     if failures:
         click.echo(f"{len(failures)} line(s) of {input_path} failed", err=True)
         sys.exit(1)
+
+
+def _echo_answer(answer) -> None:
+    click.echo(f"answer: {answer.answer}  (head: {answer.head}, probability {answer.probability:.3f})")
+    for rank, (name, prob) in enumerate(answer.top, 1):
+        click.echo(f"  {rank}. {name:<30} {prob:.3f}")
+
+
+def _explain(model, image: str, question: str, png: str, top_k: int) -> None:
+    from dualhead.vqa.explain import explain as explain_answer
+    from dualhead.vqa.explain import save_explanation
+
+    explanation = explain_answer(model, image, question, top_k=top_k)
+    _echo_answer(explanation.answer)
+    click.echo(f"{explanation.method} map over {'x'.join(map(str, explanation.weights.shape))} regions: "
+               f"{save_explanation(explanation, image, png)}")
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.option("--image", required=True, type=click.Path(exists=True, dir_okay=False), help="The image to ask about.")
+@click.option("--question", required=True, help="The question.")
+@click.option("--out", type=click.Path(dir_okay=False), help="The PNG to write (default: <image name>.explain.png here).")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1), help="Answers listed.")
+def explain(checkpoint: str, image: str, question: str, out: str | None, top_k: int) -> None:
+    """Answer a question and draw what the answer looked at over the image: the question's attention
+    over the image regions (cross_attention fusion) or a Grad-CAM map (other fusions)."""
+    from dualhead.vqa.evaluate import resolve_checkpoint
+    from dualhead.vqa.model import DualHeadVQA
+
+    model = DualHeadVQA.from_pretrained(resolve_checkpoint(checkpoint))
+    _explain(model, image, question, out or f"{Path(image).stem}.explain.png", top_k)
 
 
 def _read_queries(path: Path) -> tuple[list[dict], list[str]]:
@@ -274,6 +352,65 @@ def export(run: str, out: str, export_format: str, int8: bool) -> None:
 
     for path in export_onnx(DualHeadVQA.from_pretrained(resolve_checkpoint(run)), Path(out), quantize=int8):
         click.echo(str(path))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("teacher", type=click.Path(exists=True))
+@click.argument("args", nargs=-1)
+@click.option("--teacher", "more_teachers", multiple=True, type=click.Path(exists=True),
+              help="Another teacher run or checkpoint (repeatable): the teachers' probabilities are averaged.")
+def distill(teacher: str, args: tuple[str, ...], more_teachers: tuple[str, ...]) -> None:
+    """Train a smaller student on a trained teacher's answers and the labels:
+    `dualhead distill TEACHER_RUN [--teacher RUN ...] [student config] [key=value ...]`.
+
+    Without a student config the student starts from the teacher run's own config. Each head learns
+    (1 - distill.alpha) x its loss on the labels + distill.alpha x T^2 x KL to the teacher at
+    temperature distill.temperature. The output is a normal run directory (evaluate, export and
+    predict work on it); `dualhead train --resume RUN` continues it.
+    """
+    from dualhead.core.trainer import Trainer, new_run_dir
+    from dualhead.deploy.distill import distillation_config
+
+    student, overrides = (args[0], list(args[1:])) if args and "=" not in args[0] else (None, list(args))
+    config = distillation_config([teacher, *more_teachers], student, overrides)
+    run_dir = new_run_dir(config, label=f"{config.data.format}-student")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        _fail(f"run directory {run_dir} already exists: continue it with dualhead train --resume {run_dir}, or set name=...")
+    trainer = Trainer(config, run_dir)
+    results = trainer.fit()
+    click.echo((trainer.run_dir / "results.md").read_text())
+    click.echo(f"run directory: {trainer.run_dir} (best checkpoint: {results['checkpoint']})")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: all).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Most questions answered in one forward pass; 1 turns batching off.")
+@click.option("--batch-wait-ms", default=5.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long the first queued question waits for others to join its batch.")
+@click.option("--max-questions", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Questions per request.")
+@click.option("--max-upload-mb", default=16.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Largest image file accepted, in MiB.")
+@click.option("--max-pixels", type=click.IntRange(min=1),
+              help="Largest image accepted, in pixels (default: the data loaders' limit, 64 Mpx).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
+def serve(run: str, host: str, port: int, max_batch: int, batch_wait_ms: float, max_questions: int,
+          max_upload_mb: float, max_pixels: int | None, device: str, precision: str) -> None:
+    """Serve a trained model over HTTP (a run's best checkpoint, or a checkpoint): POST /v1/answer,
+    GET /healthz, a web page at /, the API at /docs. Concurrent requests are answered in batches."""
+    import uvicorn
+
+    from dualhead.deploy.serve import ServeLimits, create_app
+
+    limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_questions=max_questions,
+                         **({"max_pixels": max_pixels} if max_pixels else {}))
+    app = create_app(run, max_batch=max_batch, batch_wait_ms=batch_wait_ms, limits=limits, device=device,
+                     precision=precision)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
 @main.group()
