@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from dualhead.backbones.features import FeatureBackbone, build_feature_backbone
 from dualhead.core.model import TaskOutputs
 from dualhead.dense.config import DenseModelConfig
-from dualhead.dense.models import DENSE_ARCHITECTURES, DenseHead, DenseModel
+from dualhead.dense.models import DENSE_ARCHITECTURES, DenseHead, DenseModel, SharedBackboneModel
 from dualhead.dense.tasks import DENSE_TASKS, HeadSpec
 from dualhead.mtl.architectures import (
     MTAN,
@@ -56,20 +56,15 @@ def task_decoders(channels: Sequence[int], config: DenseModelConfig, tasks: Sequ
 
 
 @DENSE_ARCHITECTURES.register("mtan")
-class MTANModel(DenseModel):
+class MTANModel(SharedBackboneModel):
     """MTAN: a shared backbone, per-task attention over each of its levels, a feature pyramid and a
     head per task (`dualhead.mtl.architectures.mtan`)."""
 
     def __init__(self, config: DenseModelConfig, heads: Mapping[str, HeadSpec], pretrained: bool = True):
         super().__init__(config, heads, pretrained)
-        self.backbone = build_feature_backbone(self.backbone_config, config.out_indices)
         self.attention = MTAN(self.backbone.channels, list(heads))
         self.decoders = task_decoders(self.backbone.channels, config, list(heads))
         self.heads = task_heads(config, heads)
-
-    @property
-    def data_config(self) -> dict[str, Any]:
-        return self.backbone.data_config
 
     def forward(self, images: Tensor) -> TaskOutputs:
         packed, levels = pack_levels(self.backbone(images))
@@ -88,12 +83,9 @@ class MTANModel(DenseModel):
     def task_modules(self, task: str) -> list[nn.Module]:
         return [self.attention.tasks[task], self.decoders[task], self.heads[task]]
 
-    def pretrained_modules(self) -> list[nn.Module]:
-        return [self.backbone] if self.config.backbone.weights != "none" else []
-
 
 @DENSE_ARCHITECTURES.register("multitask_fpn")
-class MultiTaskFPNModel(DenseModel):
+class MultiTaskFPNModel(SharedBackboneModel):
     """A shared backbone and pyramid, task-specific lateral connections, and each task's head at the
     finest of the levels it reads (``model.task_levels``; `dualhead.mtl.architectures.multitask_fpn`)."""
 
@@ -104,7 +96,6 @@ class MultiTaskFPNModel(DenseModel):
             raise ValueError(
                 f"model.task_levels names unknown tasks {unknown}; this model's tasks are {list(heads)}"
             )
-        self.backbone = build_feature_backbone(self.backbone_config, config.out_indices)
         every_level = list(range(len(self.backbone.channels)))
         levels = {task: list(config.task_levels.get(task, every_level)) for task in heads}
         try:
@@ -112,10 +103,6 @@ class MultiTaskFPNModel(DenseModel):
         except ValueError as err:
             raise ValueError(f"model.task_levels: {err}") from None
         self.heads = task_heads(config, heads)
-
-    @property
-    def data_config(self) -> dict[str, Any]:
-        return self.backbone.data_config
 
     def forward(self, images: Tensor) -> TaskOutputs:
         packed, levels = pack_levels(self.backbone(images))
@@ -131,9 +118,6 @@ class MultiTaskFPNModel(DenseModel):
 
     def task_modules(self, task: str) -> list[nn.Module]:
         return [self.pyramid.tasks[task], self.heads[task]]
-
-    def pretrained_modules(self) -> list[nn.Module]:
-        return [self.backbone] if self.config.backbone.weights != "none" else []
 
 
 class ColumnModel(DenseModel):

@@ -127,19 +127,30 @@ class DenseHead(nn.Module):
             return self.activation(logits)
 
 
-@DENSE_ARCHITECTURES.register("hard_fpn")
-class HardSharingFPN(DenseModel):
-    """Hard parameter sharing: backbone and FPN shared by all tasks, a small head per task."""
+class SharedBackboneModel(DenseModel):
+    """A dense architecture with one backbone that every task reads: it gives the preprocessing and
+    is the pretrained part (subclasses add what comes after it)."""
 
     def __init__(self, config: DenseModelConfig, heads: Mapping[str, HeadSpec], pretrained: bool = True):
         super().__init__(config, heads, pretrained)
         self.backbone = build_feature_backbone(self.backbone_config, config.out_indices)
-        self.fpn = FeaturePyramid(self.backbone.channels, config.fpn_dim)
-        self.heads = nn.ModuleDict({name: DenseHead(config.fpn_dim, config.head_dim, spec) for name, spec in heads.items()})
 
     @property
     def data_config(self) -> dict[str, Any]:
         return self.backbone.data_config
+
+    def pretrained_modules(self) -> list[nn.Module]:
+        return [self.backbone] if self.config.backbone.weights != "none" else []
+
+
+@DENSE_ARCHITECTURES.register("hard_fpn")
+class HardSharingFPN(SharedBackboneModel):
+    """Hard parameter sharing: backbone and FPN shared by all tasks, a small head per task."""
+
+    def __init__(self, config: DenseModelConfig, heads: Mapping[str, HeadSpec], pretrained: bool = True):
+        super().__init__(config, heads, pretrained)
+        self.fpn = FeaturePyramid(self.backbone.channels, config.fpn_dim)
+        self.heads = nn.ModuleDict({name: DenseHead(config.fpn_dim, config.head_dim, spec) for name, spec in heads.items()})
 
     def forward(self, images: Tensor) -> TaskOutputs:
         features = self.fpn(self.backbone(images))
@@ -151,9 +162,6 @@ class HardSharingFPN(DenseModel):
 
     def shared_modules(self) -> list[nn.Module]:
         return [self.backbone, self.fpn]
-
-    def pretrained_modules(self) -> list[nn.Module]:
-        return [self.backbone] if self.config.backbone.weights != "none" else []
 
 
 # The other architectures register themselves in DENSE_ARCHITECTURES (they build on the classes above).
