@@ -43,6 +43,7 @@ from dualhead.core.experiment import inference
 from dualhead.core.runtime import autocast_context
 from dualhead.vqa.config import VQARunConfig
 from dualhead.vqa.data import AnswerVocab, ImageStore, VQARecord, VQASplits
+from dualhead.vqa.data.answers import first_difference
 from dualhead.vqa.data.batching import VQABatch
 from dualhead.vqa.evaluate import resolve_checkpoint
 from dualhead.vqa.experiment import VQAExperiment, eval_sampler, make_loader, plot_confusions
@@ -183,14 +184,10 @@ def check_teacher(checkpoint: Path, vocab: AnswerVocab, single_head: bool) -> di
         raise ValueError(f"cannot read the teacher checkpoint {checkpoint}: {err}") from None
     theirs, ours = teacher.open_answers, vocab.open_answers
     if theirs != ours:
-        position = next((i for i, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b), min(len(theirs), len(ours)))
-
-        def at(answers: list[str]) -> str:
-            return repr(answers[position]) if position < len(answers) else "nothing"
-
+        position, teacher_answer, student_answer = first_difference(theirs, ours)
         raise ValueError(
             f"the student's answer vocabulary differs from the teacher's ({checkpoint / ANSWERS_FILE}): at position "
-            f"{position} the teacher has {at(theirs)}, the student's data gives {at(ours)} ({len(theirs)} vs {len(ours)} "
+            f"{position} the teacher has {teacher_answer}, the student's data gives {student_answer} ({len(theirs)} vs {len(ours)} "
             "open answers); distil on the teacher's dataset and data options (data.format, root, min_answer_count, max_answers)"
         )
     if bool(model_config.get("single_head")) != single_head:

@@ -23,6 +23,7 @@ from dualhead.core import distributed
 from dualhead.core.experiment import Experiment
 from dualhead.vqa.config import REFERENCE_TASK_WEIGHTS, VQARunConfig
 from dualhead.vqa.data import AnswerVocab, ImageStore, VQARecord, VQASplits, load_splits
+from dualhead.vqa.data.answers import first_difference
 from dualhead.vqa.data.batching import GroupedBatchSampler, VQABatch, VQACollator
 from dualhead.vqa.features import EncoderFeatureCache, model_inputs
 from dualhead.vqa.metrics import HeadProbabilities, binary_confusion, format_metrics_table, score
@@ -90,14 +91,10 @@ class VQAExperiment(Experiment):
             raise ValueError(f"cannot read the checkpoint's answer vocabulary {answers_file}: {err}") from None
         current = self.vocab.open_answers
         if saved != current:
-            position = next((i for i, (a, b) in enumerate(zip(saved, current, strict=False)) if a != b), min(len(saved), len(current)))
-
-            def at(answers: list[str]) -> str:
-                return repr(answers[position]) if position < len(answers) else "nothing"
-
+            position, theirs, ours = first_difference(saved, current)
             raise ValueError(
                 f"the answer vocabulary rebuilt from the data differs from the checkpoint's ({answers_file}): at "
-                f"position {position} the checkpoint has {at(saved)}, the data gives {at(current)} "
+                f"position {position} the checkpoint has {theirs}, the data gives {ours} "
                 f"({len(saved)} vs {len(current)} open answers); has the dataset changed since the run started?"
             )
 

@@ -207,3 +207,14 @@ class AnswerVocab:
         if not all(isinstance(answer, str) for answer in data["open_answers"]):
             raise ValueError("open answers must all be strings")
         return cls(data["open_answers"])
+
+
+def first_difference(left: Sequence[str], right: Sequence[str]) -> tuple[int, str, str]:
+    """Where two answer lists first differ, and what each holds there (``nothing`` past its end);
+    for error messages about vocabularies that must match."""
+    position = next((i for i, (a, b) in enumerate(zip(left, right, strict=False)) if a != b), min(len(left), len(right)))
+
+    def at(answers: Sequence[str]) -> str:
+        return repr(answers[position]) if position < len(answers) else "nothing"
+
+    return position, at(left), at(right)
