@@ -23,6 +23,7 @@ covers gradient accumulation. The price is no overlap of communication with the 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -70,7 +71,8 @@ def setup(device_name: str = "auto") -> torch.device:
 
     Under torchrun each process takes ``cuda:LOCAL_RANK`` (``train.device`` ``auto`` or ``cuda``) or the
     CPU; a device pinned to one GPU (``cuda:1``) is refused, since every process would share it. Logs of
-    processes other than rank 0 are limited to warnings. Calling it again returns the same device.
+    processes other than rank 0 are limited to warnings. Calling it again returns the same device. The
+    process leaves the group at exit if `shutdown` was not called before.
     """
     device = resolve_device(device_name)
     if launched_world_size() <= 1 and not dist.is_initialized():
@@ -93,6 +95,10 @@ def setup(device_name: str = "auto") -> torch.device:
         dist.init_process_group(
             backend=backend_for(device), device_id=device if device.type == "cuda" else None, timeout=TIMEOUT
         )
+        # A process that ends without leaving the group (a Python script looping over Trainer.fit) would
+        # be aborted at interpreter exit by gloo's worker threads ("terminate called without an active
+        # exception"); leaving it while the interpreter is still whole avoids that.
+        atexit.register(shutdown)
     if not is_main():
         logging.getLogger("dualhead").setLevel(logging.WARNING)
     return device
