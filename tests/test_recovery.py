@@ -109,6 +109,19 @@ def test_resume_refuses_a_checkpoint_with_other_dimensions_naming_the_key(finish
     assert "Traceback" not in result.output
 
 
+def test_resume_accepts_a_checkpoint_written_before_a_model_option_existed(finished_run, tmp_path):
+    """A checkpoint without a key the model config has gained since (here the experts' options)
+    resumes, the option at its default (off)."""
+    run = _copy_run(finished_run, tmp_path / "run")
+    for name in ("last", "best"):
+        saved_file = run / name / "config.json"
+        saved = json.loads(saved_file.read_text())
+        assert saved["model"].pop("experts")["route"] == "none"  # what a checkpoint of before it held
+        saved_file.write_text(json.dumps(saved))
+    trainer = Trainer.resume(run)
+    assert trainer.model.config.experts.route == "none"
+
+
 def test_resume_refuses_a_reordered_answer_vocabulary_naming_the_answer(finished_run, tmp_path):
     run = _copy_run(finished_run, tmp_path / "run")
     answers_file = run / "last" / "answers.json"

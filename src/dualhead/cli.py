@@ -1,8 +1,9 @@
 """The `dualhead` command line: train, pretrain, distill, evaluate, predict, explain, params, ablate,
-compare, export, serve, data summary, plot."""
+compare, recommend, export, serve, data summary, plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import pickle
@@ -13,6 +14,7 @@ import click
 from safetensors import SafetensorError
 
 from dualhead.core.config import DEFAULT_CONFIG, RunConfig, load_config
+from dualhead.vqa.config import PretrainConfig, VQARunConfig
 
 PREDICT_CHUNK = 64  # questions answered per forward pass by `predict --input`
 
@@ -119,21 +121,26 @@ def _train(args: tuple[str, ...], resume_dir: str | None) -> None:
 @click.argument("args", nargs=-1)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Where to write the pretrained encoders.")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=2), help="Distinct images per batch.")
-@click.option("--encoder-lr", default=2e-5, show_default=True, type=float)
-@click.option("--temperature", default=0.07, show_default=True, type=float, help="Initial temperature (learned).")
-@click.option("--answers/--no-answers", default=True, show_default=True, help='Pair images with "question answer" text.')
+@click.option("--batch-size", default=PretrainConfig.batch_size, show_default=True, type=click.IntRange(min=2),
+              help="Distinct images per batch.")
+@click.option("--encoder-lr", default=PretrainConfig.encoder_lr, show_default=True, type=float)
+@click.option("--temperature", default=PretrainConfig.temperature, show_default=True, type=float,
+              help="Initial temperature (learned).")
+@click.option("--answers/--no-answers", default=PretrainConfig.with_answers, show_default=True,
+              help='Pair images with "question answer" text.')
 def pretrain(args: tuple[str, ...], out: str, epochs: int, batch_size: int, encoder_lr: float, temperature: float,
              answers: bool) -> None:
     """Align a VQA config's image and text encoders on its training split (contrastive, CLIP-style),
     then print the overrides that train the dual-head model from them:
-    `dualhead pretrain vqa_rad --out runs/pretrain-vqa_rad`."""
-    from dualhead.vqa.pretrain import PretrainOptions
+    `dualhead pretrain vqa_rad --out runs/pretrain-vqa_rad`. (A config's ``pretrain.epochs`` makes
+    this the first step of `dualhead train` instead.)"""
     from dualhead.vqa.pretrain import pretrain as run_pretraining
 
     config = _load(args)
-    options = PretrainOptions(epochs=epochs, batch_size=batch_size, encoder_lr=encoder_lr, temperature=temperature,
-                              with_answers=answers)
+    if not isinstance(config, VQARunConfig):
+        _fail(f"pretrain aligns a VQA model's encoders; this config's application is {config.application!r}")
+    options = dataclasses.replace(config.pretrain, epochs=epochs, batch_size=batch_size, encoder_lr=encoder_lr,
+                                  temperature=temperature, with_answers=answers)
     summary = run_pretraining(config, Path(out), options, progress=config.train.progress)
     best = summary["best"]
     click.echo(f"validation image->text recall@1: {summary['val_recall_at_1_before']:.3f} before, "
@@ -211,7 +218,9 @@ def predict(checkpoint: str, image: str | None, question: str | None, input_path
                     answers.append(None)
         for query, answer in zip(chunk, answers, strict=True):
             if answer is not None:
-                click.echo(json.dumps({**query, "answer": answer.answer, "head": answer.head,
+                experts = ({"expert": answer.expert, "question_type": answer.question_type}
+                           if answer.expert is not None else {})
+                click.echo(json.dumps({**query, "answer": answer.answer, "head": answer.head, **experts,
                                        "probability": answer.probability, "top": answer.top}))
     for failure in failures:
         click.echo(failure, err=True)
@@ -221,7 +230,9 @@ def predict(checkpoint: str, image: str | None, question: str | None, input_path
 
 
 def _echo_answer(answer) -> None:
-    click.echo(f"answer: {answer.answer}  (head: {answer.head}, probability {answer.probability:.3f})")
+    routed = f", expert {answer.expert}" if answer.expert is not None else ""
+    routed += f" ({answer.question_type})" if answer.question_type is not None else ""
+    click.echo(f"answer: {answer.answer}  (head: {answer.head}{routed}, probability {answer.probability:.3f})")
     for rank, (name, prob) in enumerate(answer.top, 1):
         click.echo(f"  {rank}. {name:<30} {prob:.3f}")
 
@@ -336,6 +347,37 @@ compare = _study_command(
     "Encoders without offline weights here start from random initialisation (the table says which).",
     default_seeds=1,
 )
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1)
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Training steps of the hard-sharing probe run.")
+@click.option("--cost-steps", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Timed training steps per candidate architecture (after one warm-up step).")
+@click.option("--lookahead-lr", type=click.FloatRange(min=0, min_open=True),
+              help="SGD rate of the affinity lookahead step (default: train.lr).")
+@click.option("--limited-compute", is_flag=True, help="Compute is limited: the decision tree's hard-sharing branch.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Also write the result as JSON here.")
+def recommend(args: tuple[str, ...], steps: int, cost_steps: int, lookahead_lr: float | None, limited_compute: bool,
+              out: str | None) -> None:
+    """Measure how a config's tasks relate on a short hard-sharing probe run (gradient cosine and norm
+    ratio at the shared parameters, inter-task affinity) and recommend an architecture by the seed's
+    decision tree, with the parameters and step time of each candidate on this config:
+    `dualhead recommend scenes --steps 20 --out recommend.json`."""
+    from dualhead.core.io import atomic_write_json
+    from dualhead.dense.models import DENSE_ARCHITECTURES
+    from dualhead.mtl.recommend import architecture_candidates, format_recommendation
+    from dualhead.mtl.recommend import recommend as run_recommendation
+
+    config = _load(args)
+    probe_config, candidates = architecture_candidates(config, sorted(DENSE_ARCHITECTURES), hard_sharing="hard_fpn")
+    result = run_recommendation(probe_config, candidates, steps=steps, cost_steps=cost_steps,
+                                lookahead_lr=lookahead_lr, limited_compute=limited_compute)
+    click.echo(format_recommendation(result))
+    if out:
+        atomic_write_json(Path(out), {"config": " ".join(args), **result})
+        click.echo(f"\nwritten: {out}")
 
 
 @main.command()

@@ -13,15 +13,21 @@ from transformers import AutoTokenizer
 
 from dualhead.cli import main
 from dualhead.deploy.export import ProbabilityPaths, export_onnx
+from dualhead.vqa.config import ExpertsConfig
 from dualhead.vqa.data import AnswerVocab
 from dualhead.vqa.model import DualHeadVQA
 from tests.conftest import tiny_model_config
 
 
-@pytest.fixture(scope="module", params=["attention", "cross_attention"])
+@pytest.fixture(scope="module", params=["attention", "cross_attention", "experts"])
 def exported(tmp_path_factory, request):
     torch.manual_seed(0)
-    model = DualHeadVQA(tiny_model_config(fusion=request.param), AnswerVocab(["red", "blue", "green"])).eval()
+    if request.param == "experts":  # experts per question type: the gate reads the tokens, no type is input
+        config = tiny_model_config(experts=ExpertsConfig(route="question_type"))
+        model = DualHeadVQA(config, AnswerVocab(["red", "blue", "green"]), question_types=["COLOR", "PRES", "SIZE"])
+    else:
+        model = DualHeadVQA(tiny_model_config(fusion=request.param), AnswerVocab(["red", "blue", "green"]))
+    model.eval()
     out = tmp_path_factory.mktemp("onnx")
     export_onnx(model, out, quantize=True)
     return model, out

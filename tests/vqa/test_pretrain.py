@@ -12,10 +12,12 @@ from safetensors.torch import load_file
 
 from dualhead.cli import main
 from dualhead.core.config import load_config, save_config
+from dualhead.core.trainer import Trainer
+from dualhead.vqa.config import PretrainConfig
 from dualhead.vqa.data import load_splits
 from dualhead.vqa.data.answers import AnswerVocab
 from dualhead.vqa.model import DualHeadVQA
-from dualhead.vqa.pretrain import PretrainOptions, contrastive_loss, pair_batches, pretrain
+from dualhead.vqa.pretrain import contrastive_loss, pair_batches, pretrain
 from tests.conftest import tiny_run_config
 
 
@@ -38,7 +40,7 @@ def test_pair_batches_hold_distinct_images_one_question_each(shapes_root):
 
 def test_pretraining_writes_encoders_the_vqa_model_loads(shapes_root, tmp_path):
     config = tiny_run_config(shapes_root, tmp_path)
-    summary = pretrain(config, tmp_path / "pre", PretrainOptions(epochs=2, batch_size=8), progress=False)
+    summary = pretrain(config, tmp_path / "pre", PretrainConfig(epochs=2, batch_size=8), progress=False)
     assert [row["epoch"] for row in summary["history"]] == [0, 1]
     assert all(0.0 <= row["val_recall_at_1"] <= 1.0 for row in summary["history"])
     assert json.loads((tmp_path / "pre" / "pretrain.json").read_text())["best"] == summary["best"]
@@ -70,4 +72,32 @@ def test_pretrain_refuses_frozen_encoders(shapes_root, tmp_path):
     config = tiny_run_config(shapes_root, tmp_path)
     config.model.text.freeze = True
     with pytest.raises(ValueError, match="freeze"):
-        pretrain(config, tmp_path / "pre", PretrainOptions(epochs=1), progress=False)
+        pretrain(config, tmp_path / "pre", PretrainConfig(epochs=1), progress=False)
+
+
+def test_a_run_with_pretrain_epochs_pretrains_first_and_trains_from_the_best_encoders(shapes_root, tmp_path):
+    """``pretrain.epochs`` makes pretraining the run's first step (into RUN/pretrain); the dual-head
+    model starts from those encoders, and training draws the same random numbers as without it."""
+    config = tiny_run_config(shapes_root, tmp_path, epochs=1)
+    config.pretrain.epochs, config.pretrain.batch_size = 1, 8
+    config.train.max_steps = 1
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.experiment.prepare(tmp_path / "run")
+    best = tmp_path / "run" / "pretrain" / "best"
+    saved = load_file(str(best / "vision.safetensors"))
+    for key, value in trainer.model.vision.timm_state_dict().items():
+        torch.testing.assert_close(value, saved[key], msg=key)
+    text = load_file(str(best / "text" / "model.safetensors"))
+    for key, value in trainer.model.text.model.state_dict().items():
+        torch.testing.assert_close(value, text[key], msg=key)
+    written = (best / "vision.safetensors").stat().st_mtime_ns
+    trainer.experiment.prepare(tmp_path / "run")  # a resumed run reuses the finished pretraining
+    assert (best / "vision.safetensors").stat().st_mtime_ns == written
+
+    def first_batch_draw(pretrain_epochs: int, name: str) -> torch.Tensor:
+        config.pretrain.epochs = pretrain_epochs
+        run = Trainer(config, tmp_path / name)
+        run.fit()
+        return torch.rand(3)  # the random stream after one step of training
+
+    torch.testing.assert_close(first_batch_draw(1, "with"), first_batch_draw(0, "without"))

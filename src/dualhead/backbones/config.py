@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -19,6 +20,9 @@ class VisionConfig:
     # Keep batch-norm running statistics fixed while fine-tuning: grouped batches hold few distinct
     # images (8 for easy-VQA), too few for good batch statistics.
     norm_eval: bool = True
+    # More keyword arguments of timm.create_model, e.g. a smaller Swin (embed_dim, depths, num_heads,
+    # window_size); weights other than "none" must fit the model they build.
+    timm_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -125,6 +125,15 @@ def load_vision_weights_file(model: nn.Module, path: Path) -> None:
         )
 
 
+def timm_kwargs(cfg: VisionConfig, arch: str) -> dict[str, Any]:
+    """The keyword arguments `cfg` adds to ``timm.create_model(arch)``: its input size where the
+    model is built for one (ViT-like models size their position embeddings), and its timm_options."""
+    kwargs: dict[str, Any] = {}
+    if cfg.image_size is not None and getattr(timm.models.get_pretrained_cfg(arch), "fixed_input_size", False):
+        kwargs["img_size"] = cfg.image_size
+    return {**kwargs, **cfg.timm_options}
+
+
 def _create_timm_model(cfg: VisionConfig, arch: str) -> nn.Module:
     """A headless timm model of `arch` with the weights `cfg.weights` asks for."""
     path = Path(cfg.weights).expanduser()
@@ -138,11 +147,7 @@ def _create_timm_model(cfg: VisionConfig, arch: str) -> nn.Module:
             f"vision weights file not found: {path}. model.vision.weights takes 'offline' "
             f"({', '.join(VISION_WEIGHTS)}), {_WEIGHT_OPTIONS}"
         )
-    kwargs: dict[str, Any] = {"num_classes": 0}
-    if cfg.image_size is not None and getattr(
-        timm.models.get_pretrained_cfg(arch), "fixed_input_size", False
-    ):
-        kwargs["img_size"] = cfg.image_size  # ViT-like models size their position embeddings
+    kwargs: dict[str, Any] = {"num_classes": 0, **timm_kwargs(cfg, arch)}
     if cfg.weights == "hub":
         try:
             return timm.create_model(arch, pretrained=True, **kwargs)
@@ -218,6 +223,13 @@ class VisionEncoder(NormEvalModule):
         """The timm model's complete state dict, removed layers included as they were built, so that
         a weights file written from it loads as ``model.vision.weights`` (`load_vision_weights_file`)."""
         return {**self._dropped_state, **self.model.state_dict()}
+
+    def load_timm_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load what `timm_state_dict` wrote (of a model built the same way): the kept layers strictly,
+        the removed ones remembered for the next `timm_state_dict`."""
+        kept = self.model.state_dict().keys()
+        self.model.load_state_dict({k: v for k, v in state.items() if k in kept}, strict=True)
+        self._dropped_state = {k: v for k, v in state.items() if k not in kept}
 
     def _drop_unused_layers(self, input_size: tuple[int, ...]) -> int:
         """Replace every layer that gets no gradient through `forward` by an identity; returns the

@@ -8,6 +8,7 @@ routed answers); the defaults fit models whose tasks each read ``output.predicti
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dualhead.core.config import config_to_dict
+from dualhead.core.config import ConfigError, config_from_dict, config_to_dict
 from dualhead.core.model import MultiTaskModel, MultiTaskOutput
 from dualhead.core.runtime import autocast_context
 from dualhead.core.task import Task
@@ -96,7 +97,8 @@ class Experiment:
 
     def check_checkpoint(self, directory: Path) -> None:
         """Refuse a checkpoint this experiment's model would load wrongly: the model configuration
-        saved with it must be the one rebuilt from the run's config (an error names each key)."""
+        saved with it must be the one rebuilt from the run's config (an error names each key); a key
+        the checkpoint lacks (an option added since) counts as its default."""
         saved_file = Path(directory) / "config.json"
         try:
             saved = json.loads(saved_file.read_text(encoding="utf-8")).get("model")
@@ -104,7 +106,13 @@ class Experiment:
             raise ValueError(f"cannot read the checkpoint's model configuration {saved_file}: {err}") from None
         if not isinstance(saved, dict):
             raise ValueError(f"the checkpoint's {saved_file} holds no model configuration: is {directory} a dualhead checkpoint?")
-        current = config_to_dict(self.model.config) if hasattr(self.model, "config") else None
+        model_config = getattr(self.model, "config", None)
+        if model_config is not None:
+            # Options added since the checkpoint was written take their defaults (off); with an
+            # unknown key the comparison below names it.
+            with contextlib.suppress(ConfigError):
+                saved = config_to_dict(config_from_dict(type(model_config), saved))
+        current = config_to_dict(model_config) if model_config is not None else None
         differences = sorted(dict_differences(saved, current)) if current is not None else []
         if differences:
             raise ValueError(
@@ -137,6 +145,10 @@ class Experiment:
 
     def has_split(self, split: str) -> bool:
         raise NotImplementedError
+
+    def prepare(self, run_dir: Path) -> None:
+        """Work a new run does once, before its first step, writing into `run_dir` (VQA: contrastive
+        pretraining of the encoders). Every process calls it. Nothing by default."""
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each epoch (and before predicting): freeze, cache, rebuild loaders."""

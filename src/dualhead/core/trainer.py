@@ -116,6 +116,12 @@ class Trainer:
                 "for one task, so the tasks' gradients at the per-sample shared representation lie on disjoint rows "
                 "and never conflict there. Use train.balancer_options.mode=parameters (the default)."
             )
+        if getattr(balancer, "mode", None) == "parameters" and not self.model.shared_parameters():
+            raise ValueError(
+                f"balancer {cfg.balancer!r} acts on the parameters every task shares, and this model shares none "
+                "that train (e.g. per-task adapters on a frozen backbone): each task trains only its own "
+                "parameters on its own loss. Use a loss weighting (train.balancer=fixed, uw, dwa, ...)."
+            )
         return balancer
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
@@ -247,6 +253,10 @@ class Trainer:
             save_config(self.config, self.run_dir / "config.yaml")
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
             log.info("run directory: %s (%d process(es))", self.run_dir, distributed.world_size())
+        if self.state["step"] == 0 and self.state["batches_done"] == 0:  # new (or killed before its first step)
+            random_state = rng_state()  # training draws the same numbers with or without the preparation
+            self.experiment.prepare(self.run_dir)
+            set_rng_state(random_state)
         try:
             while not self._finished():
                 self.experiment.on_epoch_start(self.state["epoch"])
@@ -342,7 +352,9 @@ class Trainer:
         diagnostics = {}
         every = cfg.diagnostics_every_steps
         if every and len(task_losses) > 1 and self.state["step"] % every == 0 and optimizer_step:
-            diagnostics = gradient_conflict(task_losses, self.model.conflict_parameters())
+            conflict_params = self.model.conflict_parameters()
+            if conflict_params:  # none where nothing trainable is shared (adapters on a frozen backbone)
+                diagnostics = gradient_conflict(task_losses, conflict_params)
         scale = 1.0 / cfg.grad_accum
         # a randomised balancer (RLW, PCGrad's task order, GradDrop) draws the same on every process
         draws = derived_seed(cfg.seed, self.state["epoch"], self.state["step"], self.state["batches_done"])

@@ -19,6 +19,51 @@ REFERENCE_TASK_WEIGHTS = {
 }
 
 
+EXPERT_ROUTES = ("none", "question_type", "learned")
+
+
+@dataclass
+class ExpertsConfig:
+    """Small expert MLPs between the fusion and the two heads: ``h + sum_k g_k * expert_k(h)``.
+
+    The gate g is a softmax computed from the question alone (so inference and ONNX export need only
+    image and tokens). ``route: question_type`` makes the gate a classifier of the training split's
+    question types (one expert per type, an auxiliary cross-entropy teaches it); ``learned`` leaves
+    the gate unsupervised over `count` experts, with a load-balancing term; ``none`` is off.
+    """
+
+    route: str = "none"  # none | question_type | learned
+    # learned: the number of experts (>= 2); question_type: 0 (one per training type) or that number
+    count: int = 0
+    hidden: int = 128  # each expert's inner width
+    gate_hidden: int = 128  # the gate's (type classifier's) hidden width
+    dropout: float = 0.1
+    type_weight: float = 0.1  # question_type: weight of the type classifier's cross-entropy
+    # learned: weight of the importance loss, CV(sum of gates per expert)^2 (Shazeer et al., 2017)
+    balance_weight: float = 0.1
+
+    @property
+    def enabled(self) -> bool:
+        return self.route != "none"
+
+    def validate(self) -> None:
+        """A clear error for a route or size that cannot work."""
+        if self.route not in EXPERT_ROUTES:
+            raise ValueError(f"unknown model.experts.route {self.route!r}; choose one of {', '.join(EXPERT_ROUTES)}")
+        if self.route == "none" and self.count != 0:
+            raise ValueError(
+                f"model.experts.count={self.count} needs a route: set model.experts.route=learned (or question_type)"
+            )
+        if self.route == "learned" and self.count < 2:
+            raise ValueError(f"model.experts.route=learned needs model.experts.count >= 2 experts, got {self.count}")
+        if self.route == "question_type" and self.count < 0:
+            raise ValueError(
+                f"model.experts.count must be 0 (one expert per question type) or the number of types, got {self.count}"
+            )
+        if self.enabled and (self.hidden < 1 or self.gate_hidden < 1):
+            raise ValueError(f"model.experts.hidden ({self.hidden}) and gate_hidden ({self.gate_hidden}) must be >= 1")
+
+
 @dataclass
 class ModelConfig:
     """The Dual-Head VQA model: encoders, fusion, heads (defaults are the reference design's)."""
@@ -36,6 +81,8 @@ class ModelConfig:
     deep_heads: bool = False
     single_head: bool = False  # one head over the union of all answers (the 'Single Head' ablation)
     router: bool = True
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+
 
 @dataclass
 class DataConfig:
@@ -85,6 +132,23 @@ class VQATrainConfig(TrainConfig):
 
 
 @dataclass
+class PretrainConfig:
+    """Contrastive image-text pretraining of the two encoders on the training split (CLIP's symmetric
+    InfoNCE, `dualhead.vqa.pretrain`). ``epochs > 0`` makes it the first step of a new run: the
+    encoders of the epoch with the best validation image-to-text recall@1 are where the dual-head
+    training starts (written to ``RUN/pretrain/``). ``dualhead pretrain`` runs it on its own."""
+
+    epochs: int = 0  # 0: off
+    batch_size: int = 32  # distinct images per batch, so this many negatives per positive, less one
+    encoder_lr: float = 2e-5
+    projection_lr: float = 1e-3
+    projection_dim: int = 256
+    temperature: float = 0.07  # initial; learned, as in CLIP
+    with_answers: bool = True  # pair the image with "question answer" rather than the question alone
+    augment: bool = True
+
+
+@dataclass
 class VQARunConfig(RunConfig):
     """Everything one ``dualhead train`` run of the Dual-Head VQA model needs."""
 
@@ -92,3 +156,4 @@ class VQARunConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: VQATrainConfig = field(default_factory=VQATrainConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)

@@ -58,11 +58,13 @@ def evaluate_checkpoints(
         raise ValueError(f"the {data.format} dataset has no {split} split")
     torch_device = resolve_device(device)
     members, vocab = [], None
+    question_types: list[str] | None = None  # the members' type vocabulary, if they share one
     for checkpoint in checkpoints:
         model = DualHeadVQA.from_pretrained(checkpoint).to(torch_device)
         if vocab is not None and model.vocab.open_answers != vocab.open_answers:
             raise ValueError(f"{checkpoint} has a different answer vocabulary from {checkpoints[0]}: cannot ensemble")
         vocab = model.vocab
+        question_types = model.question_types if question_types in (None, model.question_types) else []
         loader = make_loader(model, records, eval_sampler(records), ImageStore(model.preprocessor), num_workers=data.num_workers)
 
         def step(batch, model=model):
@@ -74,6 +76,6 @@ def evaluate_checkpoints(
         members.append(prediction.probs)
         ordered = prediction.records
     probs = HeadProbabilities.average(members)
-    metrics, _ = score(probs, ordered, vocab)
+    metrics, _ = score(probs, ordered, vocab, question_types)
     metrics["binary_confusion"] = binary_confusion(probs, ordered)
     return {"checkpoints": [str(c) for c in checkpoints], "split": split, "dataset": data.format, "metrics": metrics}

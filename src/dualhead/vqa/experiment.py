@@ -1,7 +1,8 @@
 """The Dual-Head VQA experiment: what the core Trainer needs to train and score the VQA model.
 
 VQA's own parts of a run live here: grouped batches (each image encoded once), frozen-encoder
-stages with their feature cache (frozen warm-up, then fine-tuning), the router's auxiliary loss,
+stages with their feature cache (frozen warm-up, then fine-tuning), the auxiliary losses of the router
+and the experts' gate,
 the reference schedule of task weights, and scoring with routed and oracle accuracy.
 """
 
@@ -25,13 +26,19 @@ from dualhead.vqa.config import REFERENCE_TASK_WEIGHTS, VQARunConfig
 from dualhead.vqa.data import AnswerVocab, ImageStore, VQARecord, VQASplits, load_splits
 from dualhead.vqa.data.answers import first_difference
 from dualhead.vqa.data.batching import GroupedBatchSampler, VQABatch, VQACollator
+from dualhead.vqa.data.question_types import question_type_vocabulary
+from dualhead.vqa.experts import importance_loss, type_loss
 from dualhead.vqa.features import EncoderFeatureCache, model_inputs
 from dualhead.vqa.metrics import HeadProbabilities, binary_confusion, format_metrics_table, score
-from dualhead.vqa.model import ANSWERS_FILE, DualHeadOutput, DualHeadVQA
+from dualhead.vqa.model import ANSWERS_FILE, DualHeadOutput, DualHeadVQA, read_question_types
 from dualhead.vqa.plots import plot_confusion
+from dualhead.vqa.pretrain import pretrain_run
 from dualhead.vqa.tasks import build_tasks, router_loss
 
-VALIDATION_METRICS = ("accuracy", "binary_accuracy", "open_accuracy", "oracle_accuracy", "router_accuracy", "vqa_accuracy")
+VALIDATION_METRICS = (
+    "accuracy", "binary_accuracy", "open_accuracy", "oracle_accuracy", "router_accuracy", "question_type_accuracy",
+    "vqa_accuracy",
+)
 
 
 @dataclass
@@ -54,7 +61,7 @@ class VQAExperiment(Experiment):
             raise ValueError(f"the {config.data.format} training split is empty")
         self.vocab = AnswerVocab.from_records(self.splits.train, config.data.min_answer_count, config.data.max_answers)
         self.soft_targets = any(r.answer_scores for r in self.splits.train)
-        model = DualHeadVQA(config.model, self.vocab)
+        model = DualHeadVQA(config.model, self.vocab, question_types=training_question_types(config, self.splits.train))
         super().__init__(config, model, build_tasks(train_cfg, self.vocab, self.splits.train, config.model.single_head, self.soft_targets))
         self.store = ImageStore(model.preprocessor, cache=config.data.cache_images, max_bytes=config.data.image_cache_bytes)
         self._sampler = GroupedBatchSampler(
@@ -76,6 +83,8 @@ class VQAExperiment(Experiment):
             produced |= {f"{task}_accuracy" for task in (tasks or ("binary", "open"))}
             if model.router:
                 produced.add("router_accuracy")
+        if model.experts.route == "question_type":
+            produced.add("question_type_accuracy")
         if self.soft_targets:
             produced.add("vqa_accuracy")
         return {name: True for name in VALIDATION_METRICS if name in produced}
@@ -96,6 +105,13 @@ class VQAExperiment(Experiment):
                 f"the answer vocabulary rebuilt from the data differs from the checkpoint's ({answers_file}): at "
                 f"position {position} the checkpoint has {theirs}, the data gives {ours} "
                 f"({len(saved)} vs {len(current)} open answers); has the dataset changed since the run started?"
+            )
+        saved_types = read_question_types(Path(directory))
+        if saved_types != self.model.question_types:
+            raise ValueError(
+                f"the question types rebuilt from the data ({', '.join(self.model.question_types) or 'none'}) differ from "
+                f"the checkpoint's {directory} ({', '.join(saved_types) or 'none'}): each is an expert's class, "
+                "so the checkpoint would route wrongly; has the dataset changed since the run started?"
             )
 
     def default_balancer_options(self, balancer: str) -> dict[str, Any]:
@@ -118,6 +134,11 @@ class VQAExperiment(Experiment):
 
     def has_split(self, split: str) -> bool:
         return bool(self.splits.split(split))
+
+    def prepare(self, run_dir: Path) -> None:
+        """Contrastive pretraining of the encoders first, when the config asks for it."""
+        if self.config.pretrain.epochs > 0:
+            pretrain_run(self.config, self.model, run_dir)
 
     def on_epoch_start(self, epoch: int) -> None:
         """Freeze the encoders the config (or the frozen warm-up) freezes at `epoch`; cache their
@@ -145,15 +166,30 @@ class VQAExperiment(Experiment):
         return self.model(**model_inputs(batch, self.cache))
 
     def auxiliary_loss(self, output: DualHeadOutput, batch: VQABatch) -> Tensor | None:
-        if output.router_logits is None:
+        """The router's weighted loss plus the experts' (see `experts_loss`); None when neither exists."""
+        terms = [self.experts_loss(output, batch)]
+        if output.router_logits is not None:
+            terms.append(router_loss(output.router_logits, batch) * self.config.train.router_weight)
+        terms = [term for term in terms if term is not None]
+        return sum(terms) if terms else None
+
+    def experts_loss(self, output: DualHeadOutput, batch: VQABatch) -> Tensor | None:
+        """The experts' gate, weighted: the type classifier's cross-entropy (route question_type) or the
+        load-balancing importance loss (route learned); None without experts."""
+        experts = self.config.model.experts
+        if output.gate_logits is None:
             return None
-        return router_loss(output.router_logits, batch) * self.config.train.router_weight
+        if experts.route == "question_type":
+            if batch.type_target is None:
+                raise ValueError("a batch for a type-routed model has no type_target: build it with the model's question_types")
+            return type_loss(output.gate_logits, batch.type_target) * experts.type_weight
+        return importance_loss(output.gate_logits) * experts.balance_weight
 
     def evaluate(self, split: str, final: bool = False) -> dict[str, Any]:
         """Routed and oracle accuracy, per head and per answer type (and the binary confusion matrix
         for the final evaluation)."""
         prediction = self.predict(self.splits.split(split))
-        metrics, _ = score(prediction.probs, prediction.records, self.vocab)
+        metrics, _ = score(prediction.probs, prediction.records, self.vocab, self.model.question_types)
         if final:
             metrics["binary_confusion"] = binary_confusion(prediction.probs, prediction.records)
         return metrics
@@ -210,6 +246,21 @@ class VQAExperiment(Experiment):
         """Head probabilities for `records` (in grouped order) with the current weights."""
         loader = self.loader(records, eval_sampler(records, max(self.config.data.batch_size, 128)))
         return collect_probabilities(self.predict_batches(loader))
+
+
+def training_question_types(config: VQARunConfig, train: list[VQARecord]) -> list[str]:
+    """The type classifier's classes for ``model.experts.route=question_type`` (else none): the training
+    split's question types; a dataset without any is an error naming the format and the option."""
+    if config.model.experts.route != "question_type":
+        return []
+    types = question_type_vocabulary(train)
+    if not types:
+        raise ValueError(
+            f"model.experts.route=question_type needs question types, but no question of the {config.data.format} "
+            "training split has one (VQA-RAD's question_type, SLAKE's content_type, a question_type field in jsonl/csv); "
+            "use model.experts.route=learned (with model.experts.count), or model.experts.route=none"
+        )
+    return types
 
 
 def gather_shared_features(
@@ -271,6 +322,7 @@ def make_loader(
         soft_targets=soft_targets,
         load_images=not (cache and cache.has_images),
         load_text=not (cache and cache.has_text),
+        question_types=model.question_types,
     )
     # A generator of its own: iterating must not draw from the global RNG, or a run resumed
     # mid-epoch would see different dropout masks than an uninterrupted one. Workers are not

@@ -28,6 +28,7 @@ class HeadProbabilities:
     binary: Tensor | None  # [N, 2]
     open: Tensor  # [N, K]
     router: Tensor | None  # [N, 2]
+    experts: Tensor | None = None  # [N, E] the experts' gate (route question_type: over the types)
 
     @staticmethod
     def from_output(output) -> HeadProbabilities:
@@ -36,7 +37,10 @@ class HeadProbabilities:
         def softmax(logits: Tensor | None) -> Tensor | None:
             return None if logits is None else logits.float().softmax(-1).cpu()
 
-        return HeadProbabilities(binary=softmax(output.binary_logits), open=softmax(output.open_logits), router=softmax(output.router_logits))
+        return HeadProbabilities(
+            binary=softmax(output.binary_logits), open=softmax(output.open_logits), router=softmax(output.router_logits),
+            experts=softmax(output.gate_logits),
+        )
 
     @staticmethod
     def concat(parts: Sequence[HeadProbabilities]) -> HeadProbabilities:
@@ -44,7 +48,7 @@ class HeadProbabilities:
             values = [getattr(p, name) for p in parts]
             return None if values[0] is None else torch.cat(values)
 
-        return HeadProbabilities(binary=cat("binary"), open=cat("open"), router=cat("router"))
+        return HeadProbabilities(binary=cat("binary"), open=cat("open"), router=cat("router"), experts=cat("experts"))
 
     @staticmethod
     def average(members: Sequence[HeadProbabilities]) -> HeadProbabilities:
@@ -60,7 +64,11 @@ class HeadProbabilities:
                 raise ValueError(f"ensemble members' {name} heads have different shapes: {[tuple(v.shape) for v in values]}")
             return torch.stack(values).mean(0)
 
-        return HeadProbabilities(binary=mean("binary"), open=mean("open"), router=mean("router"))
+        # The gates only report which expert answered: kept when every member has the same experts.
+        gates = [m.experts for m in members]
+        same_experts = all(g is not None for g in gates) and len({g.shape for g in gates}) == 1
+        experts = torch.stack(gates).mean(0) if same_experts else None
+        return HeadProbabilities(binary=mean("binary"), open=mean("open"), router=mean("router"), experts=experts)
 
 
 def route_to_binary(probs: HeadProbabilities, vocab: AnswerVocab) -> Tensor:
@@ -89,8 +97,11 @@ def _accuracy(correct: Sequence[bool]) -> float | None:
     return sum(correct) / len(correct) if correct else None
 
 
-def score(probs: HeadProbabilities, records: Sequence[VQARecord], vocab: AnswerVocab) -> tuple[dict, list[str]]:
-    """All metrics for one split, and the routed prediction per record."""
+def score(
+    probs: HeadProbabilities, records: Sequence[VQARecord], vocab: AnswerVocab, question_types: Sequence[str] = ()
+) -> tuple[dict, list[str]]:
+    """All metrics for one split, and the routed prediction per record. `question_types`: the classes of
+    a type-routed model's gate, scored as ``question_type_accuracy`` over the records of a known type."""
     is_binary = torch.tensor([r.task == BINARY for r in records], dtype=torch.bool)
     routed_binary = route_to_binary(probs, vocab)
     routed = predict_answers(probs, vocab, routed_binary)
@@ -114,6 +125,8 @@ def score(probs: HeadProbabilities, records: Sequence[VQARecord], vocab: AnswerV
     }
     if probs.router is not None and probs.binary is not None:
         metrics["router_accuracy"] = float((routed_binary == is_binary).float().mean()) if records else None
+    if probs.experts is not None and question_types:
+        metrics.update(question_type_metrics(probs.experts, records, question_types))
     by_type: dict[str, list[bool]] = defaultdict(list)
     for ok, record in zip(routed_ok, records, strict=True):
         if record.answer_type:
@@ -124,6 +137,14 @@ def score(probs: HeadProbabilities, records: Sequence[VQARecord], vocab: AnswerV
     if any(r.all_answers for r in records):
         metrics["vqa_accuracy"] = sum(vqa_accuracy(p, r.all_answers or (r.answer,)) for p, r in zip(routed, records, strict=True)) / len(records)
     return metrics, routed
+
+
+def question_type_metrics(gates: Tensor, records: Sequence[VQARecord], question_types: Sequence[str]) -> dict:
+    """The type classifier's accuracy over the records whose type it knows, and how many those are."""
+    rows = {name: row for row, name in enumerate(question_types)}
+    predicted = gates.argmax(-1).tolist()
+    hits = [predicted[i] == rows[r.question_type] for i, r in enumerate(records) if r.question_type in rows]
+    return {"question_type_accuracy": _accuracy(hits), "question_type_count": len(hits)}
 
 
 def binary_confusion(probs: HeadProbabilities, records: Sequence[VQARecord]) -> list[list[int]]:

@@ -2,13 +2,16 @@
 
 Inputs are grouped: each distinct image (and each distinct question) of a batch is encoded once,
 and `image_index` / `question_index` say which row belongs to which question. Precomputed encoder
-features (frozen-encoder training) can be passed instead of pixels or tokens.
+features (frozen-encoder training) can be passed instead of pixels or tokens. With
+``model.experts`` on, expert MLPs mixed by a question-only gate sit between the fusion and the heads
+(`dualhead.vqa.experts`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from dualhead.vqa.config import ModelConfig
 from dualhead.vqa.data.answers import AnswerVocab
 from dualhead.vqa.data.images import ImagePreprocessor, load_rgb
 from dualhead.vqa.data.records import BINARY, OPEN, YES_NO
+from dualhead.vqa.experts import QuestionExperts
 from dualhead.vqa.fusion import build_fusion
 from dualhead.vqa.heads import binary_head, open_head, router_head
 from dualhead.vqa.metrics import HeadProbabilities, route_to_binary
@@ -34,6 +38,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TEXT_DIR = "text_encoder"  # the text encoder's architecture and tokenizer
 ANSWERS_FILE = "answers.json"
+QUESTION_TYPES_FILE = "question_types.json"  # the type classifier's classes (route: question_type)
 SINGLE = "single"  # the head name of a single-head model's answers
 SINGLE_TASK = "answer"  # its task name
 
@@ -52,7 +57,9 @@ class DualHeadOutput:
     # attention fusion: [B, 2, 2] weights between the image and question tokens; cross_attention:
     # [B, R] the question's attention over the image regions (`VisionEncoder.region_grid`)
     attention: Tensor | None
-    fused: Tensor  # [B, d] the last shared representation
+    fused: Tensor  # [B, d] the last shared representation (after the experts, when there are any)
+    # [B, K] the experts' gate logits (route question_type: the type classifier's); None without experts
+    gate_logits: Tensor | None = None
 
     @property
     def predictions(self) -> dict[str, Tensor]:
@@ -74,6 +81,8 @@ class Answer:
     head: str  # "binary", "open" or "single"
     probability: float
     top: list[tuple[str, float]]
+    expert: int | None = None  # the expert with the largest gate value (models with experts)
+    question_type: str | None = None  # that expert's question type (route: question_type)
 
 
 class DualHeadVQA(MultiTaskModel):
@@ -84,12 +93,17 @@ class DualHeadVQA(MultiTaskModel):
     representation_shared_by_tasks = False
     representation_key = "fused"
 
-    def __init__(self, config: ModelConfig, vocab: AnswerVocab, text_files: Path | None = None):
+    def __init__(
+        self, config: ModelConfig, vocab: AnswerVocab, text_files: Path | None = None, question_types: Sequence[str] = ()
+    ):
         """`text_files`: a checkpoint's saved text architecture and tokenizer (see `save_pretrained`),
-        used instead of `config.text`'s source, which may not exist on this machine."""
+        used instead of `config.text`'s source, which may not exist on this machine. `question_types`:
+        the training split's question types, one expert each (``model.experts.route=question_type``)."""
         super().__init__()
+        config.experts.validate()
         self.config = config
         self.vocab = vocab
+        self.question_types: list[str] = list(question_types)
         self.vision = build_vision_encoder(config.vision)
         self.text = text_encoder_from_files(text_files, config.text) if text_files else build_text_encoder(config.text)
         if config.vision.freeze:
@@ -110,13 +124,33 @@ class DualHeadVQA(MultiTaskModel):
             self.binary_head = binary_head(d, config.dropout, config.deep_heads)
             self.open_head = open_head(d, max(len(vocab.open_answers), 1), config.dropout, config.deep_heads)
         self.router = router_head(self.text.out_dim, config.dropout) if config.router else None
+        self.experts = (
+            QuestionExperts(d, self.text.out_dim, self._expert_count(), config.experts) if config.experts.enabled else None
+        )
         data_config = self.vision.data_config
         self.preprocessor = ImagePreprocessor(
             data_config["input_size"][-1], tuple(data_config["mean"]), tuple(data_config["std"]), data_config.get("interpolation", "bicubic")
         )
 
+    def _expert_count(self) -> int:
+        experts = self.config.experts
+        if experts.route != "question_type":
+            return experts.count
+        if not self.question_types:
+            raise ValueError(
+                "model.experts.route=question_type needs the training split's question types (question_types); "
+                "none were given"
+            )
+        if experts.count not in (0, len(self.question_types)):
+            raise ValueError(
+                f"model.experts.count={experts.count} but the training split has {len(self.question_types)} question "
+                f"types ({', '.join(self.question_types)}): route question_type has one expert per type (count 0)"
+            )
+        return len(self.question_types)
+
     def shared_modules(self) -> list[nn.Module]:
-        return [self.vision, self.text, self.fusion]
+        # the experts and their gate read every question, yes/no or open: both tasks' losses flow through them
+        return [self.vision, self.text, self.fusion] + ([self.experts] if self.experts is not None else [])
 
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.vision, self.text]
@@ -162,12 +196,17 @@ class DualHeadVQA(MultiTaskModel):
         if question_index is not None:
             text_features = text_features[question_index]
         fused, attention = self.fusion(image_features, text_features)
+        question = self.pooled_question(text_features) if self.router is not None or self.experts is not None else None
+        gate_logits = None
+        if self.experts is not None:
+            fused, gate_logits = self.experts(fused, question)
         return DualHeadOutput(
             binary_logits=self.binary_head(fused) if self.binary_head is not None else None,
             open_logits=self.open_head(fused),
-            router_logits=self.router(self.pooled_question(text_features)) if self.router is not None else None,
+            router_logits=self.router(question) if self.router is not None else None,
             attention=attention,
             fused=fused,
+            gate_logits=gate_logits,
         )
 
     # -- inference --------------------------------------------------------------------------------
@@ -194,7 +233,12 @@ class DualHeadVQA(MultiTaskModel):
                 attention_mask=tokens["attention_mask"].to(self.device),
             )
             probs = HeadProbabilities.from_output(output)
-            return decode_answers(probs, self.vocab, route_to_binary(probs, self.vocab), top_k)
+            answers = decode_answers(probs, self.vocab, route_to_binary(probs, self.vocab), top_k)
+            if probs.experts is not None:
+                for answer, expert in zip(answers, probs.experts.argmax(-1).tolist(), strict=True):
+                    answer.expert = expert
+                    answer.question_type = self.question_types[expert] if self.question_types else None
+            return answers
         finally:
             self.train(was_training)
 
@@ -207,6 +251,8 @@ class DualHeadVQA(MultiTaskModel):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps({"model": config_to_dict(self.config)}, indent=2))
         (directory / ANSWERS_FILE).write_text(json.dumps(self.vocab.to_json(), indent=2))
+        if self.question_types:
+            (directory / QUESTION_TYPES_FILE).write_text(json.dumps({"question_types": self.question_types}, indent=2))
         self.text.save_files(directory / TEXT_DIR)
         state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -223,13 +269,27 @@ class DualHeadVQA(MultiTaskModel):
         config = dataclasses.replace(config, vision=dataclasses.replace(config.vision, weights="none"))
         vocab = AnswerVocab.from_json(json.loads((directory / ANSWERS_FILE).read_text()))
         text_files = directory / TEXT_DIR
-        model = cls(config, vocab, text_files if text_files.is_dir() else None)
+        model = cls(config, vocab, text_files if text_files.is_dir() else None, read_question_types(directory))
         model.load_weights(directory, map_location)
         return model.to(map_location)
 
     def load_weights(self, directory: str | Path, map_location: str | torch.device = "cpu") -> None:
         """Load the weights of a saved model of the same configuration into this one."""
         self.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE), device=str(map_location)))
+
+
+def read_question_types(directory: Path) -> list[str]:
+    """The question types saved with a model (none when it has no such file)."""
+    path = directory / QUESTION_TYPES_FILE
+    if not path.is_file():
+        return []
+    try:
+        types = json.loads(path.read_text(encoding="utf-8"))["question_types"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"cannot read the saved question types {path}: {err}") from None
+    if not isinstance(types, list) or not all(isinstance(name, str) for name in types):
+        raise ValueError(f"{path}: 'question_types' must be a list of strings")
+    return types
 
 
 def decode_answers(probs: HeadProbabilities, vocab: AnswerVocab, to_binary: Tensor, top_k: int = 5) -> list[Answer]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dualhead.vqa.model import DualHeadVQA
 
-SHARED = ("vision", "text", "fusion")
+SHARED = ("vision", "text", "fusion", "experts")
 TASK_SPECIFIC = ("router", "binary_head", "open_head")
 LABELS = {
     "vision": "Vision encoder",
     "text": "Text encoder",
     "fusion": "Fusion",
+    "experts": "Experts and their gate",
     "router": "Question-type router",
     "binary_head": "Binary head",
     "open_head": "Open-ended head",

@@ -15,48 +15,39 @@ import logging
 import math
 import random
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+from transformers import AutoModel
 
 from dualhead.backbones.text import build_text_encoder
 from dualhead.backbones.vision import build_vision_encoder
+from dualhead.core import distributed
 from dualhead.core.checkpoints import save_checkpoint
 from dualhead.core.io import atomic_write_json
 from dualhead.core.runtime import autocast_context, resolve_device, seed_everything
-from dualhead.vqa.config import VQARunConfig
+from dualhead.vqa.config import PretrainConfig, VQARunConfig
 from dualhead.vqa.data import ImagePreprocessor, ImageStore, VQARecord, load_splits, question_allows_flip
+from dualhead.vqa.model import DualHeadVQA
 
 log = logging.getLogger(__name__)
 
 VISION_FILE = "vision.safetensors"
 TEXT_DIR = "text"
-
-
-@dataclass
-class PretrainOptions:
-    """How long and how hard to pretrain (the VQA config says which encoders and which data)."""
-
-    epochs: int = 10
-    batch_size: int = 32  # distinct images per batch, so this many negatives per positive, less one
-    encoder_lr: float = 2e-5
-    projection_lr: float = 1e-3
-    projection_dim: int = 256
-    temperature: float = 0.07  # initial; learned, as in CLIP
-    with_answers: bool = True  # pair the image with "question answer" rather than the question alone
-    augment: bool = True
+SUMMARY_FILE = "pretrain.json"
+RUN_SUBDIR = "pretrain"  # where a run with ``pretrain.epochs > 0`` pretrains
 
 
 class ContrastiveEncoders(nn.Module):
     """The VQA model's two encoders with projection heads into one embedding space."""
 
-    def __init__(self, config: VQARunConfig, options: PretrainOptions):
+    def __init__(self, config: VQARunConfig, options: PretrainConfig):
         super().__init__()
         self.vision = build_vision_encoder(config.model.vision)
         self.text = build_text_encoder(config.model.text)
@@ -105,7 +96,7 @@ def pair_text(record: VQARecord, with_answers: bool) -> str:
     return f"{record.question} {record.answer}" if with_answers else record.question
 
 
-def _inputs(model: ContrastiveEncoders, store: ImageStore, batch: list[VQARecord], options: PretrainOptions,
+def _inputs(model: ContrastiveEncoders, store: ImageStore, batch: list[VQARecord], options: PretrainConfig,
             augment: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     pixels = torch.stack([store.get(r.image, r.source) for r in batch])
     if augment:
@@ -116,7 +107,7 @@ def _inputs(model: ContrastiveEncoders, store: ImageStore, batch: list[VQARecord
 
 
 @torch.no_grad()
-def recall_at_1(model: ContrastiveEncoders, store: ImageStore, records: list[VQARecord], options: PretrainOptions,
+def recall_at_1(model: ContrastiveEncoders, store: ImageStore, records: list[VQARecord], options: PretrainConfig,
                 device: torch.device, autocast) -> float:
     """Image -> text recall@1 among all of `records`' images, one question each (fixed choice)."""
     pairs = pair_batches(records, len(records) + 1, random.Random(0))
@@ -128,7 +119,7 @@ def recall_at_1(model: ContrastiveEncoders, store: ImageStore, records: list[VQA
     return float((similarities.argmax(dim=1) == torch.arange(len(pairs[0]), device=device)).float().mean())
 
 
-def pretrain(config: VQARunConfig, out_dir: Path, options: PretrainOptions, progress: bool = True) -> dict[str, Any]:
+def pretrain(config: VQARunConfig, out_dir: Path, options: PretrainConfig, progress: bool = True) -> dict[str, Any]:
     """Pretrain `config`'s encoders on its training split; writes ``OUT/best/`` and ``pretrain.json``."""
     if not isinstance(config, VQARunConfig):
         raise ValueError(f"pretrain aligns a VQA model's encoders; this config's application is {config.application!r}")
@@ -175,5 +166,26 @@ def pretrain(config: VQARunConfig, out_dir: Path, options: PretrainOptions, prog
     summary = {"options": asdict(options), "data": config.data.format, "vision": config.model.vision.name,
                "text": config.model.text.name, "val_recall_at_1_before": baseline, "history": history,
                "best": best, "overrides": overrides}
-    atomic_write_json(out_dir / "pretrain.json", summary)
+    atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return summary
+
+
+def load_pretrained_encoders(model: DualHeadVQA, directory: Path) -> None:
+    """Load the encoders `pretrain` kept (``OUT/best``) into a dual-head model built from the same
+    config, in place (an optimiser holding the parameters keeps them)."""
+    model.vision.load_timm_state_dict(load_file(str(directory / VISION_FILE)))
+    text = AutoModel.from_pretrained(directory / TEXT_DIR, local_files_only=True)
+    model.text.model.load_state_dict(text.state_dict())
+
+
+def pretrain_run(config: VQARunConfig, model: DualHeadVQA, run_dir: Path) -> None:
+    """A run's first step when ``pretrain.epochs > 0``: pretrain into ``RUN/pretrain`` (the main
+    process; a resumed run reuses a finished pretraining) and start `model` from its best encoders."""
+    out_dir = run_dir / RUN_SUBDIR
+    if distributed.is_main():
+        if (out_dir / SUMMARY_FILE).is_file():
+            log.info("reusing the finished pretraining in %s", out_dir)
+        else:
+            pretrain(config, out_dir, config.pretrain, progress=config.train.progress)
+    distributed.barrier()
+    load_pretrained_encoders(model, out_dir / "best")

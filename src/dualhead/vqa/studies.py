@@ -76,6 +76,10 @@ _LITE2 = "model.vision.name=efficientnet_lite2"
 _MPNET = "model.text.name=mpnet"
 COMPARISON = (
     Variant("full", "Default encoders (the config's)"),
+    # Experts between the fusion and the heads (dualhead.vqa.experts); question_type needs typed data
+    # (VQA-RAD's question_type, SLAKE's content_type, a jsonl question_type field).
+    Variant("experts_by_type", "Experts per question type (gate: a type classifier)", ("model.experts.route=question_type",)),
+    Variant("experts_learned", "Experts with a learned gate (4 experts)", ("model.experts.route=learned", "model.experts.count=4")),
     Variant("lite2_minilm", "EfficientNet-Lite2 + MiniLM-L6 (pretrained)", (_LITE2,)),
     Variant("lite0_mpnet", "EfficientNet-Lite0 + MPNet-base (pretrained)", (_MPNET,)),
     Variant("lite2_mpnet", "EfficientNet-Lite2 + MPNet-base (pretrained)", (_LITE2, _MPNET)),

@@ -81,6 +81,9 @@ class VQABatch:
     single_target: Tensor  # [B] index into the union of all answers (single-head mode)
     router_target: Tensor  # [B] 1 for yes/no questions, 0 otherwise
     open_soft: Tensor | None = None  # [B, N] soft scores (VQA v2), None for single-answer datasets
+    # [B] index of each question's type in the model's type vocabulary (IGNORE: none, or unseen in
+    # training); None when the collator was given no type vocabulary
+    type_target: Tensor | None = None
     pixel_values: Tensor | None = None  # [n_images, 3, S, S]
     input_ids: Tensor | None = None  # [n_questions, L]
     attention_mask: Tensor | None = None
@@ -102,6 +105,7 @@ class VQACollator:
     """Builds a `VQABatch` from records: dedups images and questions, decodes, tokenizes, labels.
 
     `load_images=False` / `load_text=False` skip pixels / tokens (training on cached encoder features).
+    `question_types` (the model's type vocabulary) adds each question's `type_target`.
     """
 
     def __init__(
@@ -113,6 +117,7 @@ class VQACollator:
         soft_targets: bool = False,
         load_images: bool = True,
         load_text: bool = True,
+        question_types: Sequence[str] | None = None,
     ):
         if (load_images and store is None) or (load_text and tokenize is None):
             raise ValueError("VQACollator needs an image store to load images and a tokenizer to load text")
@@ -123,6 +128,7 @@ class VQACollator:
         self.soft_targets = soft_targets
         self.load_images = load_images
         self.load_text = load_text
+        self.type_rows = {name: row for row, name in enumerate(question_types)} if question_types else None
 
     @property
     def preprocessor(self) -> ImagePreprocessor:
@@ -146,6 +152,7 @@ class VQACollator:
             single_target=torch.tensor([_or_ignore(self.vocab.single_index(r.answer)) for r in records]),
             router_target=torch.tensor([int(r.task == BINARY) for r in records]),
             open_soft=self._soft_scores(records) if self.soft_targets else None,
+            type_target=self._type_targets(records),
         )
         if self.load_images:
             self._add_pixels(batch)
@@ -156,6 +163,11 @@ class VQACollator:
 
     def _open_index(self, record: VQARecord) -> int:
         return _or_ignore(self.vocab.open_index(record.answer)) if record.task == OPEN else IGNORE
+
+    def _type_targets(self, records: list[VQARecord]) -> Tensor | None:
+        if self.type_rows is None:
+            return None
+        return torch.tensor([self.type_rows.get(r.question_type, IGNORE) for r in records])
 
     def _soft_scores(self, records: list[VQARecord]) -> Tensor:
         scores = torch.zeros(len(records), max(len(self.vocab.open_answers), 1))

@@ -1,8 +1,9 @@
 """Your own data: ``train.jsonl`` (or ``train.csv`` with a header), optional ``val`` and ``test``.
 
 Each record has ``image`` (a path relative to the folder), ``question``, ``answer`` and optionally
-``answer_type`` and ``qid``. Without a val file, validation is carved from train by image; without a
-test file, the test split is empty.
+``answer_type``, ``question_type`` (what the question asks about; upper-cased, the first of a
+comma-separated list; blank means none) and ``qid``. Without a val file, validation is carved from
+train by image; without a test file, the test split is empty.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from .loading import FORMATS, FieldNames, RecordBuilder, build_records, carve_val_by_image, require_dir
 from .records import DataError, VQARecord, VQASplits
 
-FIELDS = FieldNames(image="image")
+FIELDS = FieldNames(image="image", question_type="question_type")
 SUFFIXES = (".jsonl", ".csv")
 _NOT_UTF8 = re.compile(r"[\udc80-\udcff]")  # what undecodable bytes become under "surrogateescape"
 

@@ -12,6 +12,7 @@ from typing import Any
 from dualhead.core.registry import Registry
 
 from .answers import normalize_answer
+from .question_types import normalize_question_type
 from .records import UNSAFE_TEXT, DataError, Rejection, VQARecord, printable
 
 #: Dataset format name -> ``load(root, **options) -> VQASplits``; each format module registers its own.
@@ -143,6 +144,7 @@ class RecordBuilder:
         answer_type: str | None = None,
         answer_scores: Mapping[str, float] | None = None,
         all_answers: tuple[str, ...] = (),
+        question_type: str | None = None,
     ) -> VQARecord | None:
         """A validated record, or None when it was rejected (`image` None: already rejected)."""
         if image is None:
@@ -177,6 +179,7 @@ class RecordBuilder:
             source=source,
             answer_scores=answer_scores,
             all_answers=all_answers,
+            question_type=question_type,
         )
 
 
@@ -219,6 +222,7 @@ class FieldNames:
     answer: str = "answer"
     answer_type: str | None = "answer_type"
     qid: str | None = "qid"
+    question_type: str | None = None  # optional in every record (see `question_types`)
 
 
 def build_records(
@@ -230,12 +234,14 @@ def build_records(
     image_suffix: str = "",
     also_required: Sequence[str] = (),
     keep: Callable[[Mapping[str, Any]], bool] | None = None,
+    question_type_aliases: Mapping[str, str] | None = None,
 ) -> list[VQARecord]:
     """Records from raw objects, each given with its location ("trainset.json record 17").
 
     The source of each record is its location plus its qid where it has one (the location stands
     in for a missing qid). `also_required` names fields that must be present though they are not
-    stored; `keep` filters well-formed objects before validation (SLAKE's language).
+    stored; `keep` filters well-formed objects before validation (SLAKE's language);
+    `question_type_aliases` maps a format's misspelt types to the right ones.
     """
     required = [names.image, names.question, names.answer, *also_required]
     records = []
@@ -246,6 +252,14 @@ def build_records(
         if values is None or (keep is not None and not keep(raw)):
             continue
         image, question, answer = values[:3]
+        try:
+            question_type = (
+                normalize_question_type(raw.get(names.question_type), question_type_aliases)
+                if names.question_type is not None else None
+            )
+        except ValueError as err:
+            builder.reject(source, "invalid question type", str(err))
+            continue
         record = builder.record(
             image=builder.image_path(image_dir, image, source, image_suffix),
             question=question,
@@ -253,6 +267,7 @@ def build_records(
             answer_type=answer_type(raw.get(names.answer_type)) if names.answer_type is not None else None,
             qid=location if qid is None else qid,
             source=source,
+            question_type=question_type,
         )
         if record is not None:
             records.append(record)

@@ -34,7 +34,9 @@ class VQARecord:
 
     `answer` is normalised (see `answers.normalize_answer`); the task follows from it: a yes/no
     answer belongs to the binary head, every other answer to the open-ended head. `answer_type` is
-    the dataset's own label (VQA-RAD's CLOSED/OPEN), kept for reporting only.
+    the dataset's own label (VQA-RAD's CLOSED/OPEN), kept for reporting only. `question_type` is
+    what the question asks about (VQA-RAD's PRES, POS, ...; see `question_types`), None where the
+    format has none; it trains the experts' type classifier (``model.experts.route=question_type``).
     """
 
     image: Path
@@ -47,6 +49,7 @@ class VQARecord:
     answer_scores: Mapping[str, float] | None = None
     # All human answers, normalised (VQA v2's 10), for the VQA accuracy metric.
     all_answers: tuple[str, ...] = field(default=())
+    question_type: str | None = None
 
     @property
     def task(self) -> str:

@@ -1,7 +1,8 @@
 """SLAKE (Liu et al., 2021): ``train.json``, ``validate.json``, ``test.json`` beside ``imgs/``.
 
 Each record has ``img_name`` (relative to ``imgs/``), ``question``, ``answer``, ``q_lang``
-(``en``/``zh``) and ``answer_type`` (OPEN/CLOSED). SLAKE's own validation split is used.
+(``en``/``zh``), ``answer_type`` (OPEN/CLOSED) and ``content_type`` (Organ, Position, Abnormality, ...:
+kept, upper-cased, as the question type). SLAKE's own validation split is used.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from .loading import FORMATS, FieldNames, RecordBuilder, build_records, json_row
 from .records import VQASplits
 
 LANGUAGES = ("en", "zh", "all")
-FIELDS = FieldNames(image="img_name")
+FIELDS = FieldNames(image="img_name", question_type="content_type")
 
 
 @FORMATS.register("slake")

@@ -1,8 +1,10 @@
 """VQA-RAD (Lau et al., 2018): ``trainset.json`` / ``testset.json`` beside ``images/``.
 
 Copes with the published quirks: numbers as answers, stray spaces, ``"CLOSED "``, mixed case.
-Duplicate rows are real published rows and are kept. Validation is carved from train by question,
-as the published test split is (all test images also appear in train): a validation split by image
+Duplicate rows are real published rows and are kept. `question_type` is kept per record: upper-cased
+("Other" is "OTHER"), a combination ("PRES, POS") reduced to its first listed type, and the two
+published typos (``ATRIB``, ``PRSE``) read as ATTRIB and PRES. Validation is carved from train by
+question, as the published test split is (all test images also appear in train): a validation split by image
 would judge a different task from the test and pick checkpoints badly.
 """
 
@@ -21,11 +23,14 @@ from .loading import (
 )
 from .records import VQARecord, VQASplits
 
-FIELDS = FieldNames(image="image_name")
+FIELDS = FieldNames(image="image_name", question_type="question_type")
+QUESTION_TYPE_TYPOS = {"ATRIB": "ATTRIB", "PRSE": "PRES"}
 
 
 def _read(root: Path, filename: str, builder: RecordBuilder) -> list[VQARecord]:
-    return build_records(json_rows(root / filename), builder, root / "images", FIELDS)
+    return build_records(
+        json_rows(root / filename), builder, root / "images", FIELDS, question_type_aliases=QUESTION_TYPE_TYPOS
+    )
 
 
 @FORMATS.register("vqa_rad")
