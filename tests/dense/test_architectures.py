@@ -10,12 +10,23 @@ import torch
 
 from dualhead.backbones.features import backbone_data_config
 from dualhead.core.trainer import Trainer
-from dualhead.dense.config import DenseModelConfig
+from dualhead.dense.config import AdapterConfig, DenseModelConfig
 from dualhead.dense.models import DENSE_ARCHITECTURES, DenseModel, build_dense_model
 from tests.dense.conftest import tiny_dense_config
-from tests.dense.test_models import HEADS, TINY, tiny_model
+from tests.dense.test_models import HEADS, TINY
+from tests.dense.test_models import tiny_model as _tiny_model
 
 ARCHITECTURES = sorted(DENSE_ARCHITECTURES)
+#: Options the contracts build an architecture with. The per-task adapter designs freeze their backbone
+#: by default, and adapters and lora then share nothing trainable: the contracts train the backbone
+#: (tests/dense/test_adapters.py covers them frozen).
+CONTRACT_OPTIONS = {
+    name: {"adapters": AdapterConfig(freeze_backbone=False)} for name in ("adapters", "lora", "adapters_shared_head")
+}
+
+
+def tiny_model(architecture: str, **changes) -> DenseModel:
+    return _tiny_model(architecture, **{**CONTRACT_OPTIONS.get(architecture, {}), **changes})
 
 
 def roles(model: DenseModel) -> dict[int, str]:
@@ -64,7 +75,7 @@ def test_declared_sharing_partitions_the_parameters(architecture):
     assert not soft or not model.representation_shared_by_tasks
     assert model.pretrained_modules() == []  # random init: everything trains at the full rate
     pretrained = build_dense_model(
-        DenseModelConfig(architecture=architecture, fpn_dim=8, head_dim=8), {"seg": HEADS["seg"]}
+        DenseModelConfig(architecture=architecture, fpn_dim=8, head_dim=8, **CONTRACT_OPTIONS.get(architecture, {})), {"seg": HEADS["seg"]}
     )
     groups = dict((id(p), group) for group, p in pretrained.parameter_groups())
     backbone = {id(p) for module in pretrained.pretrained_modules() for p in module.parameters()}
@@ -140,6 +151,8 @@ def trainer_for(scenes_cache, tmp_path):
     def build(architecture: str, balancer: str = "pcgrad", **options) -> Trainer:
         config = tiny_dense_config(scenes_cache, tmp_path)
         config.model.architecture = architecture
+        for key, value in CONTRACT_OPTIONS.get(architecture, {}).items():
+            setattr(config.model, key, value)
         config.train.balancer = balancer
         config.train.balancer_options = options
         config.train.lr = config.train.encoder_lr = 1e-2

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from dualhead.backbones.config import VisionConfig
 from dualhead.backbones.freeze import NormEvalModule, freeze_module
-from dualhead.backbones.vision import _create_timm_model, _timm_arch
+from dualhead.backbones.vision import _create_timm_model, _timm_arch, timm_kwargs
 
 #: Strides 4, 8, 16 and 32 for most timm CNNs (index 0 is stride 2).
 DEFAULT_OUT_INDICES = (1, 2, 3, 4)
@@ -33,9 +33,14 @@ class FeatureBackbone(NormEvalModule):
         self.data_config = data_config
         self.channels: list[int] = model.feature_info.channels()
         self.reductions: list[int] = model.feature_info.reduction()
+        # Swin's stages give [N, H, W, C]; the levels are returned as [N, C, H, W] whatever the model.
+        self.channels_last_output = getattr(model, "output_fmt", "NCHW") == "NHWC"
 
     def forward(self, pixel_values: Tensor) -> list[Tensor]:
-        return self.model(pixel_values)
+        levels = self.model(pixel_values)
+        if self.channels_last_output:
+            return [x.permute(0, 3, 1, 2) for x in levels]
+        return levels
 
 
 
@@ -49,7 +54,9 @@ def build_feature_backbone(cfg: VisionConfig, out_indices: Sequence[int] = DEFAU
     """The multi-scale backbone `cfg` describes: any timm CNN by name, its weights resolved, frozen if asked."""
     arch = _timm_arch(cfg.name)
     try:
-        model = timm.create_model(arch, pretrained=False, features_only=True, out_indices=tuple(out_indices))
+        model = timm.create_model(
+            arch, pretrained=False, features_only=True, out_indices=tuple(out_indices), **timm_kwargs(cfg, arch)
+        )
     except (RuntimeError, ValueError, AssertionError, IndexError) as err:
         raise ValueError(f"cannot build {cfg.name!r} as a multi-scale backbone with out_indices {list(out_indices)}: {err}") from err
     if cfg.weights != "none":

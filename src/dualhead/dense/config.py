@@ -19,11 +19,46 @@ def _default_backbone() -> VisionConfig:
 
 
 @dataclass
+class MoEConfig:
+    """``moe``: multi-gate mixture of experts after the shared FPN (`dualhead.mtl.architectures.routing`)."""
+
+    experts: int = 4  # expert decoders (two conv-BN-ReLU blocks each), shared by every task
+    hidden: int = 64  # channels of each expert's output, what the task heads read
+    top_k: int | None = None  # route each sample to its k best experts per task; null: mix all
+
+
+@dataclass
+class HyperNetConfig:
+    """``hypernet``: task heads whose output convolution a shared hypernetwork generates from a learned
+    task embedding (`dualhead.mtl.architectures.hypernet`)."""
+
+    embedding_dim: int = 32  # each task's embedding, its only head parameters besides its hidden block
+    hidden: int = 64  # the hypernetwork's hidden width
+
+
+@dataclass
+class AdapterConfig:
+    """``adapters``, ``lora``, ``adapters_shared_head``: per-task modules inside a backbone
+    (`dualhead.dense.adapter_models`)."""
+
+    # Freeze the backbone: only the tasks' adapters, pyramids and heads train (nothing trainable is
+    # then shared by every task, except adapters_shared_head's shared head).
+    freeze_backbone: bool = True
+    reduction: int = 4  # adapters: bottleneck width = a block's channels // reduction
+    rank: int = 4  # lora: rank r of each task's update B A
+    alpha: float = 8.0  # lora: the update is scaled by alpha / r
+    # A saved model or run directory of the same architecture and backbone: its backbone, tasks and
+    # heads load and stay frozen; only the tasks it lacks train (adding a task to a trained model).
+    init_from: str | None = None
+
+
+@dataclass
 class DenseModelConfig:
     """A multi-scale backbone, the shared architecture on top of it, and the task heads' width."""
 
     backbone: VisionConfig = field(default_factory=_default_backbone)
-    # hard_fpn | mtan | cross_stitch | multitask_fpn | sluice (dualhead.dense.models.DENSE_ARCHITECTURES)
+    # hard_fpn | mtan | multitask_fpn | cross_stitch | sluice | moe | hypernet | adapters | lora |
+    # adapters_shared_head (dualhead.dense.models.DENSE_ARCHITECTURES)
     architecture: str = "hard_fpn"
     out_indices: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # backbone levels (strides 4..32)
     fpn_dim: int = 64
@@ -37,6 +72,11 @@ class DenseModelConfig:
     stitch_self_weight: float = 0.9
     # sluice: equal channel groups each level is split into, mixed across tasks separately.
     sluice_subspaces: int = 2
+    # moe, hypernet: options of the routing and hypernetwork architectures (dualhead.dense.routing_models).
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    hypernet: HyperNetConfig = field(default_factory=HyperNetConfig)
+    # adapters, lora, adapters_shared_head (dualhead.dense.adapter_models).
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
 
 
 @dataclass

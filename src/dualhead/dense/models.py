@@ -165,4 +165,6 @@ class HardSharingFPN(SharedBackboneModel):
 
 
 # The other architectures register themselves in DENSE_ARCHITECTURES (they build on the classes above).
+from dualhead.dense import adapter_models as _adapter_models  # noqa: E402, F401
 from dualhead.dense import architectures as _architectures  # noqa: E402, F401
+from dualhead.dense import routing_models as _routing_models  # noqa: E402, F401

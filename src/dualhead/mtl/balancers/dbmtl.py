@@ -28,6 +28,8 @@ class DBMTL(Balancer):
     moving averages see it (`shared_jacobian`), so every process keeps the same averages.
     """
 
+    mode = "parameters"  # where it acts, as the other gradient methods say (it has no other mode)
+
     def __init__(
         self,
         tasks: Sequence[str],
