@@ -46,6 +46,19 @@ def test_ensemble_averages_probabilities():
         HeadProbabilities.average([HeadProbabilities(BINARY, OPEN, ROUTER), HeadProbabilities(BINARY, OPEN[:, :1], ROUTER)])
 
 
+def test_members_with_other_vocabularies_answer_over_their_union():
+    """A member that never learned "liver" gives it probability 0; the others keep their columns."""
+    other = AnswerVocab(["liver", "axial"])
+    union = AnswerVocab(["axial", "brain", "liver"])
+    moved = HeadProbabilities(BINARY, torch.tensor([[0.9, 0.1]] * 5), ROUTER).onto(other, union)
+    torch.testing.assert_close(moved.open, torch.tensor([[0.1, 0.0, 0.9]] * 5))
+    mean = HeadProbabilities.average([HeadProbabilities(BINARY, OPEN, ROUTER).onto(VOCAB, union), moved])
+    metrics, routed = score(mean, RECORDS, union)
+    assert routed[4] == "liver" and metrics["open_out_of_vocabulary"] == 0
+    single = HeadProbabilities(None, torch.tensor([[0.1, 0.2, 0.3, 0.4]]), None).onto(VOCAB, union)  # no, yes, axial, brain
+    torch.testing.assert_close(single.open, torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0]]))
+
+
 def test_single_head_and_vqa_accuracy():
     records = [record("axial", None, ("axial",) * 2 + ("brain",) * 8), record("yes", None, ("yes",) * 10)]
     single = torch.tensor([[0.1, 0.1, 0.7, 0.1], [0.1, 0.6, 0.2, 0.1]])  # over no, yes, axial, brain

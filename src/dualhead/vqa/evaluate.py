@@ -9,7 +9,7 @@ from dualhead.core.config import load_config
 from dualhead.core.experiment import inference
 from dualhead.core.runtime import autocast_context, resolve_device
 from dualhead.vqa.config import DataConfig, VQARunConfig
-from dualhead.vqa.data import ImageStore, load_splits
+from dualhead.vqa.data import AnswerVocab, ImageStore, load_splits
 from dualhead.vqa.experiment import collect_probabilities, eval_sampler, make_loader
 from dualhead.vqa.features import model_inputs
 from dualhead.vqa.metrics import HeadProbabilities, binary_confusion, score
@@ -43,7 +43,9 @@ def evaluate_checkpoints(
 ) -> dict[str, Any]:
     """Metrics of one checkpoint, or of the ensemble of several (mean of their probabilities).
 
-    The dataset is the one the first checkpoint's run trained on unless `data` is given.
+    The dataset is the one the first checkpoint's run trained on unless `data` is given. Members
+    whose open-answer vocabularies differ (runs of other seeds hold out other validation questions)
+    answer over the union of their vocabularies, each giving 0 to the answers it never learned.
     """
     checkpoints = [resolve_checkpoint(p) for p in paths]
     run_config = run_config_for(checkpoints[0])
@@ -57,13 +59,11 @@ def evaluate_checkpoints(
     if not records:
         raise ValueError(f"the {data.format} dataset has no {split} split")
     torch_device = resolve_device(device)
-    members, vocab = [], None
+    members, vocabs = [], []
     question_types: list[str] | None = None  # the members' type vocabulary, if they share one
     for checkpoint in checkpoints:
         model = DualHeadVQA.from_pretrained(checkpoint).to(torch_device)
-        if vocab is not None and model.vocab.open_answers != vocab.open_answers:
-            raise ValueError(f"{checkpoint} has a different answer vocabulary from {checkpoints[0]}: cannot ensemble")
-        vocab = model.vocab
+        vocabs.append(model.vocab)
         question_types = model.question_types if question_types in (None, model.question_types) else []
         loader = make_loader(model, records, eval_sampler(records), ImageStore(model.preprocessor), num_workers=data.num_workers)
 
@@ -75,6 +75,10 @@ def evaluate_checkpoints(
         prediction = collect_probabilities(inference(model, loader, step, progress))
         members.append(prediction.probs)
         ordered = prediction.records
+    vocab = vocabs[0]
+    if any(other.open_answers != vocab.open_answers for other in vocabs[1:]):
+        vocab = AnswerVocab(list(dict.fromkeys(answer for member in vocabs for answer in member.open_answers)))
+        members = [probs.onto(member, vocab) for probs, member in zip(members, vocabs, strict=True)]
     probs = HeadProbabilities.average(members)
     metrics, _ = score(probs, ordered, vocab, question_types)
     metrics["binary_confusion"] = binary_confusion(probs, ordered)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -49,6 +49,16 @@ class HeadProbabilities:
             return None if values[0] is None else torch.cat(values)
 
         return HeadProbabilities(binary=cat("binary"), open=cat("open"), router=cat("router"), experts=cat("experts"))
+
+    def onto(self, vocab: AnswerVocab, target: AnswerVocab) -> HeadProbabilities:
+        """The same probabilities over `target`'s answers, a superset of `vocab`'s (the answers it
+        lacks get probability 0): ensemble members trained on different splits answer in one space."""
+        single = self.binary is None
+        names = vocab.single_head_answers if single else vocab.open_answers
+        index = target.single_index if single else target.open_index
+        expanded = self.open.new_zeros(self.open.shape[0], len(target.single_head_answers if single else target.open_answers))
+        expanded[:, torch.tensor([index(answer) for answer in names], dtype=torch.long)] = self.open
+        return replace(self, open=expanded)
 
     @staticmethod
     def average(members: Sequence[HeadProbabilities]) -> HeadProbabilities:
