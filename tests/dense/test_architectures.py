@@ -10,7 +10,7 @@ import torch
 
 from dualhead.backbones.features import backbone_data_config
 from dualhead.core.trainer import Trainer
-from dualhead.dense.config import AdapterConfig, DenseModelConfig
+from dualhead.dense.config import AdapterConfig, DenseModelConfig, QueryDecoderConfig
 from dualhead.dense.models import DENSE_ARCHITECTURES, DenseModel, build_dense_model
 from tests.dense.conftest import tiny_dense_config
 from tests.dense.test_models import HEADS, TINY
@@ -22,7 +22,7 @@ ARCHITECTURES = sorted(DENSE_ARCHITECTURES)
 #: (tests/dense/test_adapters.py covers them frozen).
 CONTRACT_OPTIONS = {
     name: {"adapters": AdapterConfig(freeze_backbone=False)} for name in ("adapters", "lora", "adapters_shared_head")
-}
+} | {"task_queries": {"queries": QueryDecoderConfig(dim=16, heads=2, layers=1, feedforward=32)}}
 
 
 def tiny_model(architecture: str, **changes) -> DenseModel:

@@ -120,7 +120,7 @@ def test_empty_meters_report_nan_not_zero():
 
 
 def test_registry_and_directions():
-    assert set(DENSE_TASKS) == {"seg", "depth", "normals"}
+    assert set(DENSE_TASKS) == {"seg", "depth", "normals", "detection", "keypoints"}
     assert SegmentationTask(2).higher_is_better and not DepthTask().higher_is_better and not NormalsTask().higher_is_better
     assert NormalsTask.metrics["within_30"] and not NormalsTask.metrics["median_angle"]
 

@@ -3,7 +3,9 @@
 `build_experiment` loads the splits of ``data.format``, builds the tasks ``data.tasks`` asks for
 (all the format labels by default) and the architecture ``model.architecture`` with one head per
 task. The tasks are labelled on the same pixels, so every row of the shared feature map feeds every
-task: gradient methods can act on that representation (``representation_shared_by_tasks``).
+task: gradient methods can act on that representation (``representation_shared_by_tasks``). The
+scenes also label objects: ``data.tasks=[detection, keypoints]`` learns them as sets with the
+``task_queries`` architecture (`dualhead.dense.detection`), whose decoders all read the same tokens.
 """
 
 from __future__ import annotations
@@ -94,5 +96,6 @@ APPLICATION = Application(
     "scenes",
     ScenesRunConfig,
     build_experiment,
-    "dense vision: segmentation, depth and surface normals on procedural scenes, NYUv2 or Cityscapes",
+    "dense vision: segmentation, depth and surface normals on procedural scenes, NYUv2 or Cityscapes; "
+    "detection and keypoints on the scenes",
 )

@@ -53,12 +53,28 @@ class AdapterConfig:
 
 
 @dataclass
+class QueryDecoderConfig:
+    """``task_queries``: a transformer decoder per task with its own learned queries over the shared
+    encoder's tokens (`dualhead.dense.query_models`)."""
+
+    # Queries of each set-prediction task (detection, keypoints): at least the most objects an image
+    # holds (data.max_objects), since each object is matched to one query. Dense tasks get one query
+    # per output channel.
+    num_queries: int = 10
+    layers: int = 2  # decoder layers per task
+    heads: int = 4  # attention heads
+    dim: int = 128  # token and query width (divisible by heads, and by 4 for the positional encoding)
+    feedforward: int = 256  # hidden width of each decoder layer's MLP
+    dropout: float = 0.0
+
+
+@dataclass
 class DenseModelConfig:
     """A multi-scale backbone, the shared architecture on top of it, and the task heads' width."""
 
     backbone: VisionConfig = field(default_factory=_default_backbone)
     # hard_fpn | mtan | multitask_fpn | cross_stitch | sluice | moe | hypernet | adapters | lora |
-    # adapters_shared_head (dualhead.dense.models.DENSE_ARCHITECTURES)
+    # adapters_shared_head | task_queries (dualhead.dense.models.DENSE_ARCHITECTURES)
     architecture: str = "hard_fpn"
     out_indices: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # backbone levels (strides 4..32)
     fpn_dim: int = 64
@@ -77,6 +93,8 @@ class DenseModelConfig:
     hypernet: HyperNetConfig = field(default_factory=HyperNetConfig)
     # adapters, lora, adapters_shared_head (dualhead.dense.adapter_models).
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    # task_queries (dualhead.dense.query_models); it reads the last level of out_indices.
+    queries: QueryDecoderConfig = field(default_factory=QueryDecoderConfig)
 
 
 @dataclass
@@ -88,7 +106,8 @@ class DenseDataConfig:
     # folder in LibMTL's preprocessed layout (<root>/{train,val}/{image,label,depth,normal}/<i>.npy).
     root: str | None = None
     # Tasks to learn, any of seg, depth, normals that the format labels; null: all of them. One task
-    # makes a single-task baseline.
+    # makes a single-task baseline. The scenes also label detection and keypoints (per object, as
+    # sets: architecture task_queries), learnt only when named here, e.g. [detection, keypoints].
     tasks: list[str] | None = None
     # Procedural scenes (format scenes): resolution, split sizes, generator seed and difficulty.
     image_size: int = 64

@@ -26,13 +26,15 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from dualhead.core.registry import Registry
+from dualhead.dense.detection import ObjectTargets, object_targets
 from dualhead.dense.metrics import IGNORE_INDEX
-from dualhead.dense.scenes import CLASS_NAMES, Scenes, SceneSpec, load_scenes
+from dualhead.dense.scenes import CLASS_NAMES, MAX_KEYPOINTS, Scenes, SceneSpec, load_scenes
 
 if TYPE_CHECKING:
     from dualhead.dense.config import DenseDataConfig
 
 TASKS = ("seg", "depth", "normals")
+OBJECT_TASKS = ("detection", "keypoints")  # labelled per object (dualhead.dense.detection)
 LIBMTL_FOLDERS = {"seg": "label", "depth": "depth", "normals": "normal"}
 _LABEL_CHANNELS = {"seg": [()], "depth": [(1,), ()], "normals": [(3,)]}  # trailing dims a label file may have
 
@@ -45,6 +47,8 @@ class DenseBatch:
     seg: Tensor | None = None  # [B, H, W] int64 class indices, 255 = unlabelled
     depth: Tensor | None = None  # [B, 1, H, W] float32, 0 = unlabelled
     normals: Tensor | None = None  # [B, 3, H, W] float32 unit vectors, zero vector = unlabelled
+    detection: ObjectTargets | None = None  # each image's objects (boxes, classes)
+    keypoints: ObjectTargets | None = None  # the same objects, read for their keypoints
 
     def to(self, device: torch.device | str) -> DenseBatch:
         moved = {}
@@ -63,12 +67,18 @@ def unbatched(batch: DenseBatch) -> DenseBatch:
 
 
 class DenseDataset(Dataset):
-    """Base class: ``__getitems__(indices)`` reads the arrays of a batch and builds a `DenseBatch`."""
+    """Base class: ``__getitems__(indices)`` reads the arrays of a batch and builds a `DenseBatch`.
+
+    A dataset with object labels (``OBJECT_TASKS``) sets `num_object_classes` and `max_keypoints`
+    and implements `_objects`."""
+
+    num_object_classes = 0
+    max_keypoints = 0
 
     def __init__(self, tasks: Sequence[str], num_classes: int, data_config: Mapping[str, Any]):
-        unknown = [t for t in tasks if t not in TASKS]
+        unknown = [t for t in tasks if t not in TASKS + OBJECT_TASKS]
         if unknown:
-            raise ValueError(f"unknown dense tasks {unknown}; choose from {', '.join(TASKS)}")
+            raise ValueError(f"unknown dense tasks {unknown}; choose from {', '.join(TASKS + OBJECT_TASKS)}")
         self.tasks = tuple(tasks)
         self.num_classes = num_classes
         self.mean = torch.tensor(data_config["mean"], dtype=torch.float32).view(1, 3, 1, 1)
@@ -78,6 +88,10 @@ class DenseDataset(Dataset):
         """``image`` [B, H, W, 3] (uint8, or float in [0, 1]) and each task's labels as `DenseBatch` holds
         them, channels last: ``seg`` [B, H, W] (255 = unlabelled), ``depth`` [B, H, W], ``normals`` [B, H, W, 3]."""
         raise NotImplementedError
+
+    def _objects(self, indices: Sequence[int]) -> ObjectTargets:
+        """The objects of each image of a batch (datasets with object labels)."""
+        raise NotImplementedError(f"{type(self).__name__} has no object labels")
 
     def __getitems__(self, indices: Sequence[int]) -> DenseBatch:
         arrays = self._read(list(indices))
@@ -92,6 +106,10 @@ class DenseDataset(Dataset):
             batch.depth = torch.from_numpy(arrays["depth"].astype(np.float32, copy=False)).unsqueeze(1)
         if "normals" in arrays:
             batch.normals = torch.from_numpy(arrays["normals"].astype(np.float32, copy=False)).permute(0, 3, 1, 2).contiguous()
+        if any(task in OBJECT_TASKS for task in self.tasks):
+            objects = self._objects(list(indices))
+            batch.detection = objects if "detection" in self.tasks else None
+            batch.keypoints = objects if "keypoints" in self.tasks else None
         return batch
 
     def __getitem__(self, index: int) -> DenseBatch:
@@ -106,7 +124,10 @@ class DenseDataset(Dataset):
 
 
 class ScenesDataset(DenseDataset):
-    """Procedural scenes held in memory (`dualhead.dense.scenes`)."""
+    """Procedural scenes held in memory (`dualhead.dense.scenes`), with their objects' boxes and keypoints."""
+
+    num_object_classes = len(CLASS_NAMES) - 1  # the shapes, without the background
+    max_keypoints = MAX_KEYPOINTS
 
     def __init__(self, scenes: Scenes, tasks: Sequence[str], data_config: Mapping[str, Any]):
         super().__init__(tasks, len(CLASS_NAMES), data_config)
@@ -118,8 +139,13 @@ class ScenesDataset(DenseDataset):
     def _read(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         arrays = {"image": self.scenes.image[indices]}
         for task in self.tasks:
-            arrays[task] = getattr(self.scenes, task)[indices]
+            if task in TASKS:
+                arrays[task] = getattr(self.scenes, task)[indices]
         return arrays
+
+    def _objects(self, indices: Sequence[int]) -> ObjectTargets:
+        scenes = [self.scenes.objects[i] for i in indices]
+        return object_targets(scenes, self.scenes.image.shape[1], self.max_keypoints)
 
 
 class LibMTLDataset(DenseDataset):
@@ -181,9 +207,10 @@ class DenseFormat:
     """A dataset format: its classes, the tasks it labels, and how to load its splits."""
 
     num_classes: int
-    tasks: tuple[str, ...]
+    tasks: tuple[str, ...]  # the tasks it labels, learnt when data.tasks is null
     # (data config, tasks, the backbone's data config) -> {split: dataset}
     load: Callable[[DenseDataConfig, Sequence[str], Mapping[str, Any]], dict[str, DenseDataset]]
+    object_tasks: tuple[str, ...] = ()  # tasks it also labels, learnt only when data.tasks names them
 
 
 DENSE_FORMATS: Registry[DenseFormat] = Registry("dense dataset format")
@@ -192,9 +219,10 @@ DENSE_FORMATS: Registry[DenseFormat] = Registry("dense dataset format")
 def load_dense_splits(config: DenseDataConfig, tasks: Sequence[str], data_config: Mapping[str, Any]) -> dict[str, DenseDataset]:
     """Every split `config` describes (``train``, and ``val`` / ``test`` where there are any)."""
     spec = DENSE_FORMATS.lookup(config.format)
-    unlabelled = [t for t in tasks if t not in spec.tasks]
+    unlabelled = [t for t in tasks if t not in spec.tasks + spec.object_tasks]
     if unlabelled:
-        raise ValueError(f"format {config.format!r} has no labels for {unlabelled}; it labels {', '.join(spec.tasks)}")
+        labelled = ", ".join(spec.tasks + spec.object_tasks)
+        raise ValueError(f"format {config.format!r} has no labels for {unlabelled}; it labels {labelled}")
     return spec.load(config, tasks, data_config)
 
 
@@ -261,6 +289,6 @@ def _file_indices(folder: Path, tasks: Sequence[str]) -> list[int]:
     return sorted(indices)
 
 
-DENSE_FORMATS.register("scenes", DenseFormat(len(CLASS_NAMES), TASKS, _load_scenes))
+DENSE_FORMATS.register("scenes", DenseFormat(len(CLASS_NAMES), TASKS, _load_scenes, OBJECT_TASKS))
 DENSE_FORMATS.register("nyuv2", DenseFormat(13, TASKS, _libmtl_loader(13)))
 DENSE_FORMATS.register("cityscapes", DenseFormat(7, ("seg", "depth"), _libmtl_loader(7)))

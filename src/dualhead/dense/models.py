@@ -39,7 +39,8 @@ DENSE_ARCHITECTURES: Registry[type[DenseModel]] = Registry("dense architecture")
 
 class DenseModel(MultiTaskModel):
     """Base class of the dense architectures: ``forward(images) -> TaskOutputs`` with one
-    ``[B, C, H, W]`` prediction per task at the input's resolution.
+    ``[B, C, H, W]`` prediction per task at the input's resolution (``[B, Q, C + D]`` for a set
+    task, `HeadSpec` ``kind="set"``, where the architecture `supports_set_tasks`).
 
     `pretrained`: load the backbone's weights from ``config.backbone.weights``; False builds it
     randomly initialised (a saved model's file brings the weights), the config still saying where
@@ -51,6 +52,9 @@ class DenseModel(MultiTaskModel):
         self.config = config
         self.head_specs = dict(heads)
         self.pretrained = pretrained
+
+    #: Whether the architecture builds set-prediction heads (detection, keypoints).
+    supports_set_tasks: bool = False
 
     @property
     def backbone_config(self) -> VisionConfig:
@@ -101,6 +105,13 @@ def build_dense_model(config: DenseModelConfig, heads: Mapping[str, HeadSpec], p
     """The architecture `config.architecture` names, with one head per entry of `heads`."""
     if not heads:
         raise ValueError("a dense model needs at least one task head")
+    set_tasks = [name for name, spec in heads.items() if spec.kind == "set"]
+    if set_tasks and not DENSE_ARCHITECTURES.lookup(config.architecture).supports_set_tasks:
+        able = [name for name in DENSE_ARCHITECTURES if DENSE_ARCHITECTURES.lookup(name).supports_set_tasks]
+        raise ValueError(
+            f"model.architecture={config.architecture!r} predicts maps, not the sets that {set_tasks} need; "
+            f"use {' or '.join(able)}"
+        )
     return DENSE_ARCHITECTURES.build(config.architecture, config, heads, pretrained=pretrained)
 
 
@@ -167,4 +178,5 @@ class HardSharingFPN(SharedBackboneModel):
 # The other architectures register themselves in DENSE_ARCHITECTURES (they build on the classes above).
 from dualhead.dense import adapter_models as _adapter_models  # noqa: E402, F401
 from dualhead.dense import architectures as _architectures  # noqa: E402, F401
+from dualhead.dense import query_models as _query_models  # noqa: E402, F401
 from dualhead.dense import routing_models as _routing_models  # noqa: E402, F401

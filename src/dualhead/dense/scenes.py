@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 CLASS_NAMES = ("background", "sphere", "box", "pyramid", "ring", "star")
+MAX_KEYPOINTS = 6  # per object: the centre and at most five corners (the star's tips); see _keypoints
 SPLITS = ("train", "val", "test")
 ARRAYS = ("image", "seg", "instance", "depth", "normals")
 OBJECTS_FILE = "objects.json"

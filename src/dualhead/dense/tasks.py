@@ -1,4 +1,5 @@
-"""The dense tasks: semantic segmentation, depth and surface normals, each labelled per pixel.
+"""The dense tasks: semantic segmentation, depth and surface normals, each labelled per pixel
+(detection and keypoints, labelled per object, are in `dualhead.dense.detection`).
 
 A task reads its labels from the batch attribute of its own name (``batch.seg``, ``batch.depth``,
 ``batch.normals``) and learns only from labelled pixels; a batch without any returns no loss. Each
@@ -30,11 +31,18 @@ DENSE_TASKS: Registry[type[DenseTask]] = Registry("dense task")
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """What a task's head outputs: channels, the activation on them, the initial bias of its last layer."""
+    """What a task's head outputs: channels, the activation on them, the initial bias of its last layer.
+
+    ``kind="set"`` (detection, keypoints: `dualhead.dense.detection`) asks for a set prediction
+    instead of a map: per query `channels` class logits then `coordinates` values in [0, 1], as
+    ``[B, Q, channels + coordinates]``; only architectures with ``supports_set_tasks`` build it.
+    """
 
     channels: int
     activation: str = "identity"  # identity | softplus (positive outputs)
     bias: float = 0.0
+    kind: str = "dense"  # dense (a [B, channels, H, W] map) | set (per query: logits and coordinates)
+    coordinates: int = 0  # set: coordinates per query (a box: 4; K keypoints: 2K)
 
 
 class DenseTask(Task):
@@ -174,3 +182,7 @@ class NormalsTask(DenseTask):
 
     def _meter(self) -> MetricMeter:
         return NormalsMeter()
+
+
+# The object tasks (detection, keypoints) register themselves in DENSE_TASKS.
+from dualhead.dense import detection as _detection  # noqa: E402, F401

@@ -24,6 +24,12 @@ from dualhead.mtl.architectures.lora import LoRADelta, TaskLoRA, linear_layers
 from dualhead.mtl.architectures.mtan import MTAN, AttentionMask, TaskAttention
 from dualhead.mtl.architectures.multitask_fpn import MultiTaskPyramid, TaskPyramid
 from dualhead.mtl.architectures.pyramid import FeaturePyramid, TopDownPyramid, conv_bn_relu, resize_sum
+from dualhead.mtl.architectures.queries import (
+    QueryDecoder,
+    SetHead,
+    TaskQueryDecoders,
+    sine_position_encoding,
+)
 from dualhead.mtl.architectures.representation import pack_levels
 from dualhead.mtl.architectures.routing import ExpertGate, MultiGateExperts
 from dualhead.mtl.architectures.sluice import LayerSelection, SluiceNetwork, SluiceUnit
@@ -60,6 +66,10 @@ __all__ = [
     "conv_bn_relu",
     "mixing_init",
     "pack_levels",
+    "QueryDecoder",
+    "SetHead",
+    "TaskQueryDecoders",
+    "sine_position_encoding",
     "resize_sum",
     "split_into_stages",
 ]
