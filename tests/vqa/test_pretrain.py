@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -17,7 +16,7 @@ from dualhead.vqa.config import PretrainConfig
 from dualhead.vqa.data import load_splits
 from dualhead.vqa.data.answers import AnswerVocab
 from dualhead.vqa.model import DualHeadVQA
-from dualhead.vqa.pretrain import contrastive_loss, pair_batches, pretrain
+from dualhead.vqa.pretrain import ContrastiveEncoders, contrastive_loss, pair_batches, pretrain
 from tests.conftest import tiny_run_config
 
 
@@ -68,11 +67,13 @@ def test_cli_pretrain_prints_the_training_command(shapes_root, tmp_path):
     assert "recall@1" in result.output and "model.vision.weights=" in result.output
 
 
-def test_pretrain_refuses_frozen_encoders(shapes_root, tmp_path):
+def test_encoders_the_dual_head_model_freezes_still_pretrain(shapes_root, tmp_path):
     config = tiny_run_config(shapes_root, tmp_path)
-    config.model.text.freeze = True
-    with pytest.raises(ValueError, match="freeze"):
-        pretrain(config, tmp_path / "pre", PretrainConfig(epochs=1), progress=False)
+    config.model.vision.freeze = config.model.text.freeze = True
+    before = ContrastiveEncoders(config, PretrainConfig()).vision.timm_state_dict()
+    pretrain(config, tmp_path / "pre", PretrainConfig(epochs=1, batch_size=8), progress=False)
+    after = load_file(str(tmp_path / "pre" / "best" / "vision.safetensors"))
+    assert any(not torch.equal(before[key], after[key]) for key in before if before[key].is_floating_point())
 
 
 def test_a_run_with_pretrain_epochs_pretrains_first_and_trains_from_the_best_encoders(shapes_root, tmp_path):

@@ -11,6 +11,7 @@ loads it: ``model.vision.weights=OUT/best/vision.safetensors model.text.name=OUT
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -49,8 +50,9 @@ class ContrastiveEncoders(nn.Module):
 
     def __init__(self, config: VQARunConfig, options: PretrainConfig):
         super().__init__()
-        self.vision = build_vision_encoder(config.model.vision)
-        self.text = build_text_encoder(config.model.text)
+        # Both encoders train here, whether or not the dual-head model freezes them afterwards.
+        self.vision = build_vision_encoder(dataclasses.replace(config.model.vision, freeze=False))
+        self.text = build_text_encoder(dataclasses.replace(config.model.text, freeze=False))
         self.image_projection = nn.Linear(self.vision.out_dim, options.projection_dim)
         self.text_projection = nn.Linear(self.text.out_dim, options.projection_dim)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / options.temperature)))
@@ -125,8 +127,6 @@ def pretrain(config: VQARunConfig, out_dir: Path, options: PretrainConfig, progr
         raise ValueError(f"pretrain aligns a VQA model's encoders; this config's application is {config.application!r}")
     if options.epochs < 1 or options.batch_size < 2:
         raise ValueError(f"pretrain needs at least 1 epoch and batches of 2 images, got {options.epochs} and {options.batch_size}")
-    if config.model.vision.freeze or config.model.text.freeze:
-        raise ValueError("pretraining trains both encoders: unset model.vision.freeze / model.text.freeze")
     seed_everything(config.train.seed)
     device = resolve_device(config.train.device)
     autocast = autocast_context(device, config.train.precision)
