@@ -36,3 +36,14 @@ def tiny_dense_config(cache: Path, output_dir: Path, **data_changes) -> ScenesRu
     config.train.log_every_steps = 1
     config.train.diagnostics_every_steps = 2
     return config
+
+
+def assert_a_dozen_steps_lower_every_loss(trainer, tasks) -> None:
+    """Twelve steps on one batch bring each task's loss below 80% of its first value."""
+    batch = next(iter(trainer.experiment.train_loader()))
+    first = trainer.train_step(batch).losses
+    for _ in range(10):
+        trainer.train_step(batch)
+    last = trainer.train_step(batch).losses
+    for task in tasks:
+        assert last[task] < 0.8 * first[task], (task, first[task], last[task])

@@ -12,7 +12,7 @@ from dualhead.backbones.features import backbone_data_config
 from dualhead.core.trainer import Trainer
 from dualhead.dense.config import AdapterConfig, DenseModelConfig, QueryDecoderConfig
 from dualhead.dense.models import DENSE_ARCHITECTURES, DenseModel, build_dense_model
-from tests.dense.conftest import tiny_dense_config
+from tests.dense.conftest import assert_a_dozen_steps_lower_every_loss, tiny_dense_config
 from tests.dense.test_models import HEADS, TINY
 from tests.dense.test_models import tiny_model as _tiny_model
 
@@ -204,14 +204,8 @@ def test_representation_mode_follows_the_declaration(architecture, trainer_for):
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_trains_on_tiny_scenes(architecture, trainer_for):
     """A dozen steps on one batch of scenes bring every task's loss down."""
-    trainer = trainer_for(architecture, "fixed")
-    batch = next(iter(trainer.experiment.train_loader()))
-    first = trainer.train_step(batch).losses
-    for _ in range(10):
-        trainer.train_step(batch)
-    last = trainer.train_step(batch).losses
-    for task in HEADS:
-        assert last[task] < 0.8 * first[task], (task, first[task], last[task])
+    assert_a_dozen_steps_lower_every_loss(trainer_for(architecture, "fixed"), HEADS)
+
 
 
 def test_architecture_options_are_checked_with_clear_errors():

@@ -18,7 +18,7 @@ from dualhead.dense.models import DenseModel, build_dense_model
 from dualhead.dense.query_models import QueryMapHead
 from dualhead.dense.tasks import HeadSpec
 from dualhead.mtl.architectures import SetHead, TaskQueryDecoders, sine_position_encoding
-from tests.dense.conftest import tiny_dense_config
+from tests.dense.conftest import assert_a_dozen_steps_lower_every_loss, tiny_dense_config
 from tests.dense.test_models import TINY
 
 C, K = 5, 6
@@ -177,14 +177,7 @@ def test_gradient_method_and_a_task_absent_from_the_batch(trainer_for):
 
 
 def test_trains_on_tiny_scenes(trainer_for):
-    trainer = trainer_for("fixed")
-    batch = next(iter(trainer.experiment.train_loader()))
-    first = trainer.train_step(batch).losses
-    for _ in range(10):
-        trainer.train_step(batch)
-    last = trainer.train_step(batch).losses
-    for task in TASKS:
-        assert last[task] < 0.8 * first[task], (task, first[task], last[task])
+    assert_a_dozen_steps_lower_every_loss(trainer_for("fixed"), TASKS)
 
 
 def test_sketch2_config_trains_end_to_end(scenes_cache, tmp_path):
