@@ -5,10 +5,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-import skimage.data
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from transformers import DistilBertConfig, DistilBertModel
@@ -17,6 +15,7 @@ from dualhead.backbones.config import TextConfig, VisionConfig
 from dualhead.backbones.freeze import freeze_module
 from dualhead.backbones.text import build_text_encoder
 from dualhead.backbones.vision import build_vision_encoder, load_offline_efficientnet_lite0
+from tests.backbones.conftest import assert_classifies_imagenet_photos
 
 TINY_TEXT = TextConfig(name="distilbert", num_layers=2, hidden_size=64)
 QUESTIONS = ["what color is the shape?", "is there a blue circle in the bottom left of the image?"]
@@ -159,14 +158,7 @@ def test_hub_failure_says_network_is_needed(monkeypatch):
 def test_offline_efficientnet_lite0_classifies_imagenet_photos():
     model = timm.create_model("tf_efficientnet_lite0")  # full classifier, TF conventions of the weights
     load_offline_efficientnet_lite0(model)
-    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
-    photos = torch.stack(
-        [transform(Image.fromarray(image())) for image in (skimage.data.coffee, skimage.data.chelsea)]
-    )
-    with torch.no_grad():
-        top1 = model.eval()(photos).argmax(dim=1).tolist()
-    assert top1[0] == 967  # espresso
-    assert 281 <= top1[1] <= 285  # a cat
+    photos = assert_classifies_imagenet_photos(model)
     # The encoder built by default holds the same weights: its features are the classifier's pre-logits.
     encoder = build_vision_encoder(VisionConfig()).eval()
     with torch.no_grad():

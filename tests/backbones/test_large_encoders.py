@@ -11,10 +11,8 @@ import sys
 import zipfile
 
 import pytest
-import skimage.data
 import timm
 import torch
-from PIL import Image
 from torch import nn
 from transformers import MPNetConfig, MPNetModel
 
@@ -32,6 +30,7 @@ from dualhead.backbones.offline import (
 )
 from dualhead.backbones.text import build_text_encoder, minilm_path
 from dualhead.backbones.vision import build_vision_encoder, load_offline_vision_weights
+from tests.backbones.conftest import assert_classifies_imagenet_photos
 
 LITES = [("efficientnet_lite1", 240), ("efficientnet_lite2", 260)]
 
@@ -75,14 +74,7 @@ def test_offline_efficientnet_lite_classifies_imagenet_photos(name, size):
     load_offline_vision_weights(model, name)
     data_config = timm.data.resolve_data_config(model=model)
     assert data_config["input_size"] == (3, size, size)  # the native resolution follows the weights
-    transform = timm.data.create_transform(**data_config)
-    photos = torch.stack(
-        [transform(Image.fromarray(image())) for image in (skimage.data.coffee, skimage.data.chelsea)]
-    )
-    with torch.no_grad():
-        top1 = model.eval()(photos).argmax(dim=1).tolist()
-    assert top1[0] == 967  # espresso
-    assert 281 <= top1[1] <= 285  # a cat
+    photos = assert_classifies_imagenet_photos(model)
     # The encoder built by name holds the same weights: its features are the classifier's pre-logits.
     encoder = build_vision_encoder(VisionConfig(name=name)).eval()
     assert encoder.arch == arch and encoder.data_config["input_size"] == (3, size, size)
