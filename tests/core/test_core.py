@@ -53,3 +53,21 @@ def test_both_applications_are_installed_and_configs_pick_theirs(tmp_path):
         load_config(None, ["application=speech"])
     with pytest.raises(ConfigError, match="fpn_dim"):
         load_config("easy_vqa", ["model.fpn_dim=3"])  # a scenes key in a VQA config
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    import torch
+
+    from dualhead.core import runtime
+
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert runtime.resolve_precision(cpu, "auto") == expected
+        assert runtime.resolve_precision(cpu, "fp32") == "fp32" and runtime.resolve_precision(cpu, "bf16") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert isinstance(runtime.autocast_context(cpu, "auto"), type(runtime.autocast_context(cpu, "fp32")))
+    assert isinstance(runtime.autocast_context(cpu, "bf16"), torch.autocast)
+    with pytest.raises(ValueError, match="unknown train.precision 'fp8'"):
+        runtime.resolve_precision(cpu, "fp8")

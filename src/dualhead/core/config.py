@@ -33,7 +33,9 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     balancer: str = "fixed"  # see dualhead.mtl.balancers.BALANCERS
     balancer_options: dict[str, Any] = field(default_factory=dict)
-    precision: str = "bf16"  # bf16 | fp32
+    # auto: bf16 autocast where the device computes bf16 natively (CUDA, CPUs with AVX512-BF16 or
+    # AMX), fp32 elsewhere (on an AVX2-only CPU bf16 is emulated, many times slower) | bf16 | fp32
+    precision: str = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     early_stopping_patience: int | None = 3

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -26,12 +27,30 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU) bf16 matrix products are emulated and run
+    about 100x slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, probe, lambda: False)() for probe in probes)
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``bf16`` or ``fp32`` for `precision` on `device`: ``auto`` is bf16 where the hardware has it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown train.precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if has_native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast_context(device: torch.device, precision: str) -> AbstractContextManager:
-    """bf16 autocast on CPU and CUDA, or nothing for fp32."""
-    if precision == "fp32":
+    """bf16 autocast on CPU and CUDA, or nothing for fp32 (``auto``: see `resolve_precision`)."""
+    if resolve_precision(device, precision) == "fp32":
         return nullcontext()
-    if precision != "bf16":
-        raise ValueError(f"unknown train.precision {precision!r}; choose bf16 or fp32")
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 

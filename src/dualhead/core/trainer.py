@@ -42,7 +42,7 @@ from dualhead.core.config import RunConfig, load_config, save_config
 from dualhead.core.experiment import Experiment
 from dualhead.core.io import atomic_write_json, atomic_write_text
 from dualhead.core.plots import plot_run
-from dualhead.core.runtime import derived_seed, seed_everything
+from dualhead.core.runtime import PRECISIONS, derived_seed, resolve_precision, seed_everything
 from dualhead.mtl.balancers import BalanceReport, build_balancer
 from dualhead.mtl.diagnostics import gradient_conflict
 
@@ -253,6 +253,8 @@ class Trainer:
             save_config(self.config, self.run_dir / "config.yaml")
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
             log.info("run directory: %s (%d process(es))", self.run_dir, distributed.world_size())
+            log.info("device %s, precision %s (train.precision=%s)", self.device,
+                     resolve_precision(self.device, self.config.train.precision), self.config.train.precision)
         if self.state["step"] == 0 and self.state["batches_done"] == 0:  # new (or killed before its first step)
             random_state = rng_state()  # training draws the same numbers with or without the preparation
             self.experiment.prepare(self.run_dir)
@@ -488,8 +490,8 @@ def validate_train_config(cfg) -> None:
         raise ValueError(f"train.grad_clip must be >= 0 (0 or null: no clipping), got {cfg.grad_clip}")
     if cfg.finetune_schedule not in ("continue", "restart"):
         raise ValueError(f"unknown train.finetune_schedule {cfg.finetune_schedule!r}; choose continue or restart")
-    if cfg.precision not in ("bf16", "fp32"):
-        raise ValueError(f"unknown train.precision {cfg.precision!r}; choose bf16 or fp32")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"unknown train.precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
     if not 0 <= cfg.warmup_fraction < 1:
         raise ValueError(f"train.warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
 

@@ -38,7 +38,7 @@ def evaluate_checkpoints(
     split: str = "test",
     data: DataConfig | None = None,
     device: str = "auto",
-    precision: str = "bf16",
+    precision: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Metrics of one checkpoint, or of the ensemble of several (mean of their probabilities).
