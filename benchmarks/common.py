@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from dualhead.core.config import load_config
+from dualhead.core.runtime import has_native_bf16
 from dualhead.core.trainer import Trainer
 
 
@@ -22,6 +23,7 @@ def machine() -> str:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
         cpu = names[0] if names else cpu
     text = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    text += ", native bf16" if has_native_bf16(torch.device("cpu")) else ", no native bf16 (precision=auto runs fp32)"
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name()}"
     return text

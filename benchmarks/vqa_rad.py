@@ -1,6 +1,10 @@
 """Train on VQA-RAD with several seeds; report test accuracy (overall, CLOSED, OPEN, yes/no, open-ended).
 
     python -m benchmarks.vqa_rad [--seeds 0 1 2] [--root ../shared/data/vqa_rad] [key=value ...]
+
+`--pretrained runs/bench/pretrain-vqa_rad-seed{seed}` starts each seed from the encoders that
+`dualhead pretrain vqa_rad train.seed=SEED --out ...` kept, instead of pretraining in every run, so
+that several levers measured on top of the pretrained recipe share one pretraining per seed.
 """
 
 from __future__ import annotations
@@ -32,11 +36,19 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--root", default="../shared/data/vqa_rad")
     parser.add_argument("--out", default="runs/bench")
+    parser.add_argument("--pretrained", help="per-seed `dualhead pretrain` output, with {seed} in the path")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     args = parser.parse_args()
     rows, minutes = [], []
     for seed in args.seeds:
-        overrides = [f"data.root={args.root}", f"train.seed={seed}", *args.overrides]
+        overrides = [f"data.root={args.root}", f"train.seed={seed}"]
+        if args.pretrained:
+            best = Path(args.pretrained.format(seed=seed)) / "best"
+            if not best.is_dir():
+                sys.exit(f"--pretrained: {best} not found (run dualhead pretrain vqa_rad train.seed={seed} first)")
+            overrides += [f"model.vision.weights={best / 'vision.safetensors'}", f"model.text.name={best / 'text'}",
+                          "pretrain.epochs=0"]
+        overrides += args.overrides
         results, seconds = train_once("vqa_rad", overrides, Path(args.out) / f"vqa_rad-seed{seed}")
         rows.append(results["test"])
         minutes.append(seconds / 60)

@@ -55,7 +55,7 @@ def explain(model: DualHeadVQA, image: str | Path | Image.Image, question: str, 
 def _grad_cam(model: DualHeadVQA, pixels: Tensor, tokens: dict[str, Tensor], answer: Answer) -> Tensor:
     """Grad-CAM weights [R] of `answer`'s logit over the vision encoder's last feature map."""
     with torch.no_grad():
-        features = model.vision.model.forward_features(pixels)
+        features = model.vision.features(pixels)
         text = model.encode_questions(tokens["input_ids"], tokens["attention_mask"])
     features = features.detach().requires_grad_(True)
     with torch.enable_grad():
