@@ -53,6 +53,12 @@ def test_params_marks_frozen_components():
     assert re.search(r"Text encoder \| [\d,]+ \| [\d.]+% \| yes", result.output)
 
 
+def test_params_counts_one_expert_per_training_question_type(vqa_rad_root):
+    result = _run("params", "vqa_rad", f"data.root={vqa_rad_root}", "model.experts.route=question_type", "--answers", "5")
+    assert result.exit_code == 0, result.output
+    assert re.search(r"Experts and their gate \| [\d,]+ \|", result.output)
+
+
 def test_data_summary_on_vqa_rad(vqa_rad_root):
     result = _run("data", "summary", "vqa_rad", "--root", str(vqa_rad_root))
     assert result.exit_code == 0, result.output

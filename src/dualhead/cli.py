@@ -295,6 +295,7 @@ def _read_queries(path: Path) -> tuple[list[dict], list[str]]:
 def params(args: tuple[str, ...], vision: str | None, text: str | None, answers: int | None) -> None:
     """Parameter distribution per component (shared vs task-specific), as in the reference design."""
     from dualhead.vqa.data import AnswerVocab, load_splits
+    from dualhead.vqa.experiment import training_question_types
     from dualhead.vqa.model import DualHeadVQA
     from dualhead.vqa.params import format_parameter_table
 
@@ -303,11 +304,15 @@ def params(args: tuple[str, ...], vision: str | None, text: str | None, answers:
     config = _load(args, extra)
     if config.model.vision.name != "efficientnet_lite0" and config.model.vision.weights == "offline":
         config.model.vision.weights = "none"  # counting parameters needs no weights
+    # The data is read only where the model's shape depends on it: the answer vocabulary, and one
+    # expert per training question type (model.experts.route=question_type).
+    needs_data = answers is None or config.model.experts.route == "question_type"
+    train = load_splits(config.data).train if needs_data else []
     if answers is not None:
         vocab = AnswerVocab([f"answer {i}" for i in range(answers)])
     else:
-        vocab = AnswerVocab.from_records(load_splits(config.data).train, config.data.min_answer_count, config.data.max_answers)
-    model = DualHeadVQA(config.model, vocab)
+        vocab = AnswerVocab.from_records(train, config.data.min_answer_count, config.data.max_answers)
+    model = DualHeadVQA(config.model, vocab, question_types=training_question_types(config, train))
     click.echo(format_parameter_table(model))
 
 
