@@ -233,3 +233,23 @@ def test_architecture_options_are_checked_with_clear_errors():
         build_dense_model(
             DenseModelConfig(backbone=vit, architecture="cross_stitch", out_indices=[1, 2]), HEADS
         )
+
+
+def test_sluice_orthogonality_penalty_is_the_auxiliary_loss_and_trains_the_columns(trainer_for):
+    trainer = trainer_for("sluice")
+    trainer.config.model.sluice_orthogonality = 0.5
+    trainer.model.config.sluice_orthogonality = 0.5
+    trainer.experiment.on_epoch_start(0)
+    result = trainer.train_step(next(iter(trainer.experiment.train_loader())))
+    assert result.losses["aux"] > 0  # the penalty reached the Trainer, outside the balancing
+    plain = tiny_model("sluice")
+    assert plain(torch.randn(2, 3, 32, 32)).auxiliary_loss is None  # off by default
+    model = tiny_model("sluice", sluice_orthogonality=0.5)
+    images = torch.randn(2, 3, 32, 32)
+    output = model(images)
+    expected = 0.5 * model.network.orthogonality(model.network(images))
+    torch.testing.assert_close(output.auxiliary_loss, expected)
+    output.auxiliary_loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.network.columns.parameters())
+    with pytest.raises(ValueError, match="model.sluice_orthogonality must be >= 0"):
+        tiny_model("sluice", sluice_orthogonality=-1.0)

@@ -174,3 +174,19 @@ def test_feature_pyramid_level_weights():
     )
     with pytest.raises(ValueError, match="one weight per level"):
         pyramid(features, level_weights=torch.ones(3))
+
+
+def test_subspace_orthogonality_is_zero_for_orthogonal_subspaces_and_grows_with_overlap():
+    from dualhead.mtl.architectures.sluice import subspace_orthogonality
+
+    # every pixel's first subspace (channels 0-1) and second (2-3): disjoint supports are orthogonal
+    apart = torch.zeros(2, 4, 3, 3)
+    apart[:, :2, :, :2], apart[:, 2:, :, 2:] = 1.0, 1.0
+    assert subspace_orthogonality([apart], subspaces=2) == 0
+    same = torch.ones(2, 4, 3, 3)  # both subspaces equal: G_1^T G_2 / pixels is all ones (2x2)
+    assert subspace_orthogonality([same], subspaces=2) == pytest.approx(4.0)
+    assert subspace_orthogonality([same, apart], subspaces=2) == pytest.approx(2.0)  # mean over levels
+    assert subspace_orthogonality([same], subspaces=1) == 0
+    grad = torch.ones(1, 4, 2, 2, requires_grad=True)
+    subspace_orthogonality([grad], subspaces=2).backward()
+    assert grad.grad.abs().sum() > 0

@@ -171,8 +171,9 @@ class Experiment:
         return {name: loss for name, loss in losses.items() if loss is not None}
 
     def auxiliary_loss(self, output: MultiTaskOutput, batch: Any) -> Tensor | None:
-        """A loss outside balancing, already weighted (VQA's question-type router)."""
-        return None
+        """A loss outside balancing, already weighted (VQA's question-type router); by default the
+        model's own regulariser (`TaskOutputs.auxiliary_loss`), if its output carries one."""
+        return getattr(output, "auxiliary_loss", None)
 
     # -- evaluation --------------------------------------------------------------------------------
 

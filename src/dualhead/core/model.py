@@ -30,6 +30,9 @@ class TaskOutputs:
 
     predictions: dict[str, Tensor]
     shared: dict[str, Tensor] = field(default_factory=dict)
+    #: A regulariser of the model's own, already weighted (a sluice network's orthogonality penalty),
+    #: added outside the balancing as the experiment's auxiliary loss; None where there is none.
+    auxiliary_loss: Tensor | None = None
 
 
 class MultiTaskModel(nn.Module):

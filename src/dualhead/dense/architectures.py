@@ -164,7 +164,12 @@ class ColumnModel(DenseModel):
                 for i, task in enumerate(tasks)
             },
             shared={self.representation_key: packed},
+            auxiliary_loss=self.regulariser(columns),
         )
+
+    def regulariser(self, columns: dict[str, list[Tensor]]) -> Tensor | None:
+        """A weighted penalty on the mixed columns (`TaskOutputs.auxiliary_loss`); None by default."""
+        return None
 
     def shared_modules(self) -> list[nn.Module]:
         return [self.network.units]
@@ -188,10 +193,12 @@ class CrossStitchModel(ColumnModel):
 @DENSE_ARCHITECTURES.register("sluice")
 class SluiceModel(ColumnModel):
     """Sluice networks: task columns mixed by channel subspace after every level, and a learned
-    weight per level in each task's pyramid (``model.sluice_subspaces``, ``model.stitch_self_weight``;
-    `dualhead.mtl.architectures.sluice`)."""
+    weight per level in each task's pyramid (``model.sluice_subspaces``, ``model.stitch_self_weight``,
+    ``model.sluice_orthogonality``; `dualhead.mtl.architectures.sluice`)."""
 
     def build_network(self, columns: dict[str, FeatureBackbone]) -> ColumnNetwork:
+        if self.config.sluice_orthogonality < 0:
+            raise ValueError(f"model.sluice_orthogonality must be >= 0, got {self.config.sluice_orthogonality}")
         try:
             return SluiceNetwork(columns, self.config.sluice_subspaces, self.config.stitch_self_weight)
         except ValueError as err:
@@ -199,6 +206,11 @@ class SluiceModel(ColumnModel):
 
     def decode(self, task: str, levels: Sequence[Tensor]) -> Tensor:
         return self.decoders[task](levels, level_weights=self.network.selection[task].weights)
+
+    def regulariser(self, columns: dict[str, list[Tensor]]) -> Tensor | None:
+        """``model.sluice_orthogonality`` times the subspaces' orthogonality penalty (off at 0)."""
+        weight = self.config.sluice_orthogonality
+        return weight * self.network.orthogonality(columns) if weight > 0 else None
 
     def task_modules(self, task: str) -> list[nn.Module]:
         return [self.network.selection[task], self.decoders[task], self.heads[task]]

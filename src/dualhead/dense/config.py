@@ -88,6 +88,9 @@ class DenseModelConfig:
     stitch_self_weight: float = 0.9
     # sluice: equal channel groups each level is split into, mixed across tasks separately.
     sluice_subspaces: int = 2
+    # sluice: weight of the orthogonality penalty between a column's subspaces (Ruder et al.), an
+    # auxiliary loss outside the balancing; 0 turns it off.
+    sluice_orthogonality: float = 0.0
     # moe, hypernet: options of the routing and hypernetwork architectures (dualhead.dense.routing_models).
     moe: MoEConfig = field(default_factory=MoEConfig)
     hypernet: HyperNetConfig = field(default_factory=HyperNetConfig)

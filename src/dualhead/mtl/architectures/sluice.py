@@ -8,7 +8,8 @@ decoder's fusion of the levels (`LayerSelection`, used through ``FeaturePyramid(
 
 The mixing matrices are shared by the tasks; the layer selection, decoder and head are a task's own;
 the columns are soft-shared (every task's loss reaches every column through the mixing). The paper's
-orthogonality penalty between subspaces is not included.
+orthogonality penalty pushes a column's subspaces apart (`subspace_orthogonality`), so that one can
+hold what the task shares and another what it keeps to itself.
 """
 
 from __future__ import annotations
@@ -59,3 +60,23 @@ class SluiceNetwork(ColumnNetwork):
     def __init__(self, columns: Mapping[str, nn.Module], subspaces: int = 2, self_weight: float = 0.9):
         super().__init__(columns, lambda tasks, channels: SluiceUnit(tasks, channels, subspaces, self_weight))
         self.selection = nn.ModuleDict({task: LayerSelection(len(self.channels)) for task in self.columns})
+
+    def orthogonality(self, levels: Mapping[str, Sequence[Tensor]]) -> Tensor:
+        """The mean over tasks of `subspace_orthogonality` of their mixed level maps (`forward`'s output)."""
+        subspaces = self.units[0].subspaces
+        return torch.stack([subspace_orthogonality(maps, subspaces) for maps in levels.values()]).mean()
+
+
+def subspace_orthogonality(levels: Sequence[Tensor], subspaces: int) -> Tensor:
+    """Ruder et al.'s orthogonality penalty ``sum_{g<h} ||G_g^T G_h||_F^2`` between the channel
+    subspaces of each level ``[B, C, H, W]`` (G_g: the g-th group of C / subspaces channels, one row per
+    pixel), averaged over levels. Each product is divided by the rows (pixels) so that the penalty does
+    not grow with batch or map size; 0 for one subspace."""
+    terms = []
+    for x in levels:
+        groups = x.float().unflatten(1, (subspaces, -1))  # [B, G, C/G, H, W]
+        rows = groups.movedim(1, 0).movedim(2, -1).flatten(1, -2)  # [G, B*H*W, C/G]
+        gram = torch.einsum("grc,hrd->ghcd", rows, rows) / rows.shape[1]  # [G, G, C/G, C/G]
+        upper = torch.triu_indices(subspaces, subspaces, offset=1, device=x.device)
+        terms.append(gram[upper[0], upper[1]].pow(2).sum())
+    return torch.stack(terms).mean() if terms else torch.zeros(())
