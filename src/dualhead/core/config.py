@@ -31,6 +31,9 @@ class TrainConfig:
     warmup_fraction: float = 0.05
     grad_accum: int = 1
     grad_clip: float | None = 1.0
+    # Validate, keep best/ and score with an exponential moving average of the weights (e.g. 0.999:
+    # about the last 1,000 steps; dualhead.core.ema); null: the weights themselves.
+    ema_decay: float | None = None
     balancer: str = "fixed"  # see dualhead.mtl.balancers.BALANCERS
     balancer_options: dict[str, Any] = field(default_factory=dict)
     # auto: bf16 autocast where the device computes bf16 natively (CUDA, CPUs with AVX512-BF16 or

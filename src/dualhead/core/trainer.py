@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +40,7 @@ from dualhead.core.checkpoints import (
     set_rng_state,
 )
 from dualhead.core.config import RunConfig, load_config, save_config
+from dualhead.core.ema import WeightAverage
 from dualhead.core.experiment import Experiment
 from dualhead.core.io import atomic_write_json, atomic_write_text
 from dualhead.core.plots import plot_run
@@ -99,6 +101,8 @@ class Trainer:
             self._shard_sampler()
         self.total_steps = cfg.max_steps or self._steps_in_epochs(cfg.epochs)
         self.scheduler = self._build_scheduler()
+        # the moving average of the weights that validation, best/ and the final scores use
+        self.ema = WeightAverage(self.model, cfg.ema_decay) if cfg.ema_decay is not None else None
         self.state: dict[str, Any] = {"epoch": 0, "batches_done": 0, "step": 0, "best": None, "bad_epochs": 0, "stopped": False}
         self.writer: SummaryWriter | None = None
         self._recovered_best_step: int | None = None
@@ -205,6 +209,10 @@ class Trainer:
         trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.balancer.load_state_dict(state["balancer"])
+        if trainer.ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"{run_dir / 'last'} holds no weight average, but the run's config sets train.ema_decay")
+            trainer.ema.load_state_dict(state["ema"])
         trainer.state = state["progress"]
         trainer._recover_best()
         set_rng_state(state["rank_rng"][distributed.rank()] if "rank_rng" in state else state["rng"])
@@ -242,6 +250,8 @@ class Trainer:
         }
         if len(rng_states) > 1:
             trainer_state["rank_rng"] = rng_states
+        if self.ema is not None:
+            trainer_state["ema"] = self.ema.state_dict()
         save_checkpoint(self.run_dir / name, self.model, trainer_state)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -259,6 +269,8 @@ class Trainer:
             random_state = rng_state()  # training draws the same numbers with or without the preparation
             self.experiment.prepare(self.run_dir)
             set_rng_state(random_state)
+            if self.ema is not None:
+                self.ema.reset()  # the preparation may have loaded weights (pretrained encoders)
         try:
             while not self._finished():
                 self.experiment.on_epoch_start(self.state["epoch"])
@@ -411,6 +423,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.state["step"] += 1
+        if self.ema is not None:
+            self.ema.update(self.state["step"])
 
     def _diverged(self, message: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -421,24 +435,32 @@ class Trainer:
     def _validate(self, epoch: int) -> dict[str, Any]:
         if not self.experiment.has_split("val"):
             return {}
-        # rank 0 evaluates; every process takes the same decisions from its metrics
-        metrics = self.experiment.evaluate("val") if distributed.is_main() else None
-        metrics = distributed.broadcast_object(metrics)
-        value = metrics.get(self.metric)
-        best = self.state["best"]
+        with self._averaged_weights():  # validation scores, and best/ holds, the averaged weights
+            # rank 0 evaluates; every process takes the same decisions from its metrics
+            metrics = self.experiment.evaluate("val") if distributed.is_main() else None
+            metrics = distributed.broadcast_object(metrics)
+            value = metrics.get(self.metric)
+            best = self.state["best"]
+            improved = value is not None and (
+                best is None or self._better(value, best) or (value == best and self.state["step"] == self._recovered_best_step)
+            )
+            if improved:
+                self.state["best"] = value
+                self.state["bad_epochs"] = 0
+                self.save("best")
         if value is None:  # e.g. no validation question of the task the metric scores
             log.warning("validation gave no %s this epoch: best/ not updated", self.metric)
-        elif best is None or self._better(value, best) or (value == best and self.state["step"] == self._recovered_best_step):
-            self.state["best"] = value
-            self.state["bad_epochs"] = 0
-            self.save("best")
-        elif epoch >= self.experiment.stage_boundary_epoch:  # a first stage's plateau does not count
+        elif not improved and epoch >= self.experiment.stage_boundary_epoch:  # a first stage's plateau does not count
             self.state["bad_epochs"] += 1
             patience = self.config.train.early_stopping_patience
             if patience is not None and self.state["bad_epochs"] >= patience:
                 log.info("early stopping after epoch %d: no better val %s for %d epochs", epoch + 1, self.metric, patience)
                 self.state["stopped"] = True
         return {f"val/{k}": v for k, v in metrics.items() if isinstance(v, int | float)}
+
+    def _averaged_weights(self):
+        """The model holds the weight average (``train.ema_decay``) inside the block; its own without one."""
+        return self.ema.swapped_in() if self.ema is not None else nullcontext()
 
     def _better(self, value: float, than: float) -> bool:
         return value > than if self.higher_is_better else value < than
@@ -456,9 +478,12 @@ class Trainer:
         if splits:  # on every process: a change of stage may build a feature cache together
             self.experiment.on_epoch_start(self.state["epoch"])
         results: dict[str, Any] = {"checkpoint": str(chosen)}
+        # best/ already holds the weight average; last/ (no validation split) holds the model's own
+        averaged = self._averaged_weights() if not exists[0] else nullcontext()
         if distributed.is_main():
-            for split in splits:
-                results[split] = self.experiment.evaluate(split, final=True)
+            with averaged:
+                for split in splits:
+                    results[split] = self.experiment.evaluate(split, final=True)
             atomic_write_json(self.run_dir / "test_metrics.json", results)
             atomic_write_text(self.run_dir / "results.md", self.experiment.report(results) + "\n")
             plot_run(self.run_dir)
@@ -492,6 +517,8 @@ def validate_train_config(cfg) -> None:
         raise ValueError(f"unknown train.finetune_schedule {cfg.finetune_schedule!r}; choose continue or restart")
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"unknown train.precision {cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if cfg.ema_decay is not None and not 0 < cfg.ema_decay < 1:
+        raise ValueError(f"train.ema_decay must be in (0, 1) or null, got {cfg.ema_decay}")
     if not 0 <= cfg.warmup_fraction < 1:
         raise ValueError(f"train.warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
 
