@@ -182,8 +182,9 @@ class VisionEncoder(NormEvalModule):
         self._dropped_state: dict[str, Tensor] = {}  # the removed layers' tensors, for `timm_state_dict`
         self.out_dim: int = self._drop_unused_layers(tuple(data_config["input_size"]))
         self.region_grid: tuple[int, int] = self._region_grid(tuple(data_config["input_size"]))
-        # Convolutions run faster in channels-last layout (oneDNN on CPU, cuDNN on GPU): a training
-        # step of EfficientNet-Lite0 on 32 images at 224 px takes 0.58x the time on an AMD EPYC core.
+        # Convolutions run faster in channels-last layout (oneDNN on CPU, cuDNN on GPU): an fp32 training
+        # step of EfficientNet-Lite0 on 32 images at 224 px takes 0.62x the time on 2 AMD EPYC cores
+        # (benchmarks/encoder_speed.py, BENCHMARKS.md).
         self.model.to(memory_format=torch.channels_last)
 
     def forward(self, pixel_values: Tensor) -> Tensor:

@@ -29,8 +29,8 @@ def resolve_device(name: str) -> torch.device:
 
 def has_native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
-    AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU) bf16 matrix products are emulated and run
-    about 100x slower than float32."""
+    AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU) bf16 matrix products are emulated: 1 against
+    171 GFLOP/s in float32 on an AMD EPYC Zen 3 (benchmarks/encoder_speed.py)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     cpu = torch.cpu
