@@ -441,6 +441,8 @@ def distill(teacher: str, args: tuple[str, ...], more_teachers: tuple[str, ...])
               help="How long the first queued question waits for others to join its batch.")
 @click.option("--max-questions", default=16, show_default=True, type=click.IntRange(min=1),
               help="Questions per request.")
+@click.option("--max-queued", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Questions of all requests waiting for the model; beyond it requests get 503 (retry).")
 @click.option("--max-upload-mb", default=16.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Largest image file accepted, in MiB.")
 @click.option("--max-pixels", type=click.IntRange(min=1),
@@ -448,7 +450,7 @@ def distill(teacher: str, args: tuple[str, ...], more_teachers: tuple[str, ...])
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]))
 def serve(run: str, host: str, port: int, max_batch: int, batch_wait_ms: float, max_questions: int,
-          max_upload_mb: float, max_pixels: int | None, device: str, precision: str) -> None:
+          max_queued: int, max_upload_mb: float, max_pixels: int | None, device: str, precision: str) -> None:
     """Serve a trained model over HTTP (a run's best checkpoint, or a checkpoint): POST /v1/answer,
     GET /healthz, a web page at /, the API at /docs. Concurrent requests are answered in batches."""
     import uvicorn
@@ -456,6 +458,7 @@ def serve(run: str, host: str, port: int, max_batch: int, batch_wait_ms: float, 
     from dualhead.deploy.serve import ServeLimits, create_app
 
     limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 2**20), max_questions=max_questions,
+                         max_queued=max_queued,
                          **({"max_pixels": max_pixels} if max_pixels else {}))
     app = create_app(run, max_batch=max_batch, batch_wait_ms=batch_wait_ms, limits=limits, device=device,
                      precision=precision)

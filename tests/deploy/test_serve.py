@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from dualhead.cli import main
-from dualhead.deploy.serve import QuestionBatcher, ServeLimits, create_app
+from dualhead.deploy.serve import Overloaded, QuestionBatcher, ServeLimits, create_app
 from dualhead.vqa.data import AnswerVocab
 from dualhead.vqa.model import Answer, DualHeadVQA
 from tests.conftest import draw_shape, tiny_model_config
@@ -150,6 +152,67 @@ def test_batcher_takes_at_most_max_batch_questions_and_keeps_their_order():
     results = asyncio.run(scenario())
     assert [[a.answer for a in answers] for answers in results] == [[f"q{i}a", f"q{i}b"] for i in range(5)]
     assert [len(batch) for batch in seen] == [4, 4, 2]
+
+
+def test_batcher_refuses_a_request_that_would_queue_more_than_max_queued():
+    release = threading.Event()
+
+    def answer_batch(images, questions):
+        release.wait(5)  # the model is busy: what arrives meanwhile queues
+        return [Answer(answer=q, head="open", probability=1.0, top=[(q, 1.0)]) for q in questions]
+
+    async def scenario():
+        batcher = QuestionBatcher(answer_batch, max_batch=1, wait_s=0, max_queued=3)
+        batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.answer(None, ["a"]))
+            await asyncio.sleep(0.05)  # "a" is being answered, nothing waits
+            second = asyncio.ensure_future(batcher.answer(None, ["b", "c"]))
+            await asyncio.sleep(0.05)
+            with pytest.raises(Overloaded, match="2 questions are waiting .* adds 2; the limit is 3"):
+                await batcher.answer(None, ["d", "e"])  # whole request refused, none of it queued
+            assert batcher.queued == 2
+            third = asyncio.ensure_future(batcher.answer(None, ["f"]))  # fits: 3 waiting
+            await asyncio.sleep(0.05)
+            release.set()
+            return [[a.answer for a in answers] for answers in await asyncio.gather(first, second, third)]
+        finally:
+            release.set()
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == [["a"], ["b", "c"], ["f"]]
+    with pytest.raises(ValueError, match="max_queued"):
+        QuestionBatcher(answer_batch, max_batch=1, wait_s=0, max_queued=0)
+
+
+def test_an_overloaded_server_answers_503_with_retry_after(checkpoint, image_file, monkeypatch):
+    app = create_app(checkpoint, max_batch=2, batch_wait_ms=0, limits=ServeLimits(max_questions=2, max_queued=2))
+    answer, busy, release = app.state.model.answer, threading.Event(), threading.Event()
+
+    def slow_answer(*args, **kwargs):
+        busy.set()
+        release.wait(10)
+        return answer(*args, **kwargs)
+
+    monkeypatch.setattr(app.state.model, "answer", slow_answer)
+    two = ["is it red?", "is it blue?"]
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        first = pool.submit(ask, client, image_file.read_bytes(), two)  # being answered
+        assert busy.wait(10)
+        second = pool.submit(ask, client, image_file.read_bytes(), two)  # waits: the queue is full
+        deadline = time.monotonic() + 10
+        while client.get("/healthz").json()["queued"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = ask(client, image_file.read_bytes(), ["is it round?"])
+        release.set()
+        served = [first.result(), second.result()]
+        health = client.get("/healthz").json()
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert "2 questions are waiting" in refused.json()["detail"] and "(max_queued)" in refused.json()["detail"]
+    assert [r.status_code for r in served] == [200, 200]
+    assert (health["queued"], health["max_queued"], health["questions"]) == (0, 2, 4)
+    with pytest.raises(ValueError, match="max_queued .* at least max_questions"):
+        ServeLimits(max_questions=4, max_queued=3)  # a full request could never be served
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +379,8 @@ def test_serve_command_runs_uvicorn_with_the_options(checkpoint, monkeypatch):
             "3",
             "--max-upload-mb",
             "1",
+            "--max-queued",
+            "64",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -323,6 +388,7 @@ def test_serve_command_runs_uvicorn_with_the_options(checkpoint, monkeypatch):
     assert (started["host"], started["port"]) == ("127.0.0.1", 8123)
     assert (app.state.batcher.max_batch, app.state.batcher.wait_s) == (1, 0.002)
     assert (app.state.limits.max_questions, app.state.limits.max_upload_bytes) == (3, 2**20)
+    assert app.state.batcher.max_queued == app.state.limits.max_queued == 64
 
 
 def test_serve_command_names_a_missing_checkpoint(tmp_path):

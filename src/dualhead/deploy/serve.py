@@ -76,12 +76,20 @@ class ServeLimits:
     max_pixels: int = MAX_PIXELS  # the image, checked from its header before decoding
     max_questions: int = 16  # per request
     max_question_chars: int = 500  # and at most the model's `text.max_length` tokens
+    # Questions of all requests waiting for the model; beyond it a request is refused with 503 and
+    # Retry-After instead of queueing without bound (memory, and answers nobody waits for any more).
+    max_queued: int = 512
     image_formats: tuple[str, ...] = IMAGE_FORMATS
 
     def __post_init__(self):
-        for name in ("max_upload_bytes", "max_pixels", "max_questions", "max_question_chars"):
+        for name in ("max_upload_bytes", "max_pixels", "max_questions", "max_question_chars", "max_queued"):
             if getattr(self, name) < 1:
                 raise ValueError(f"serve limit {name} must be at least 1, got {getattr(self, name)}")
+        if self.max_queued < self.max_questions:
+            raise ValueError(
+                f"serve limit max_queued ({self.max_queued}) must be at least max_questions "
+                f"({self.max_questions}): a request of max_questions could never be served"
+            )
         Image.init()
         unknown = [f for f in self.image_formats if f not in Image.OPEN]
         if unknown or not self.image_formats:
@@ -126,6 +134,8 @@ class Health(BaseModel):
     batch_wait_ms: float
     questions: int  # answered since start
     batches: int  # forward passes that answered them
+    queued: int  # questions waiting for the model now
+    max_queued: int  # beyond it requests get 503
 
 
 ERRORS = {
@@ -134,12 +144,16 @@ ERRORS = {
         (413, "the upload or the image is over a limit"),
         (415, "the file is not an image of an accepted format"),
         (422, "a corrupt image; an empty, unprintable or too long question; too many questions"),
-        (503, "the model is not running (the server is starting or stopping)"),
+        (503, "the model is not running (the server is starting or stopping), or too many questions are queued"),
     )
 }
 
 
 # -- batching -------------------------------------------------------------------------------------
+
+
+class Overloaded(RuntimeError):
+    """More questions are waiting for the model than the batcher's `max_queued`."""
 
 
 @dataclass
@@ -155,6 +169,8 @@ class QuestionBatcher:
 
     A batch starts with the oldest waiting question and takes every question queued up to `max_batch`,
     waiting at most `wait_s` after that first one arrived for more (``max_batch=1``: no batching).
+    A request whose questions would bring the waiting ones over `max_queued` is refused whole
+    (`Overloaded`), so that a burst cannot grow the queue without bound.
     """
 
     def __init__(
@@ -162,6 +178,7 @@ class QuestionBatcher:
         answer_batch: Callable[[list[Image.Image], list[str]], list[Answer]],
         max_batch: int,
         wait_s: float,
+        max_queued: int | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -170,6 +187,9 @@ class QuestionBatcher:
         self.answer_batch = answer_batch
         self.max_batch = max_batch
         self.wait_s = wait_s
+        if max_queued is not None and max_queued < 1:
+            raise ValueError(f"max_queued must be at least 1, got {max_queued}")
+        self.max_queued = max_queued
         self.questions = 0
         self.batches = 0
         self._queue: asyncio.Queue[_Pending] | None = None
@@ -179,6 +199,11 @@ class QuestionBatcher:
     @property
     def running(self) -> bool:
         return self._worker is not None and not self._worker.done()
+
+    @property
+    def queued(self) -> int:
+        """Questions waiting for a batch (not those being answered)."""
+        return self._queue.qsize() if self._queue is not None else 0
 
     def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -196,6 +221,11 @@ class QuestionBatcher:
         """The answers to `questions` about `image`, once a batch holding them has run."""
         if not self.running:
             raise RuntimeError("the batcher is not running: start() it in the event loop first")
+        if self.max_queued is not None and self.queued + len(questions) > self.max_queued:
+            raise Overloaded(
+                f"{self.queued} questions are waiting for the model and this request adds {len(questions)}; "
+                f"the limit is {self.max_queued} (max_queued): retry shortly"
+            )
         loop = asyncio.get_running_loop()
         pending = [_Pending(image, question, loop.create_future(), loop.time()) for question in questions]
         for item in pending:
@@ -396,7 +426,7 @@ def create_app(
         with autocast_context(torch_device, precision):
             return model.answer(images, questions, top_k=TOP_K)
 
-    batcher = QuestionBatcher(answer_batch, max_batch, batch_wait_ms / 1000)
+    batcher = QuestionBatcher(answer_batch, max_batch, batch_wait_ms / 1000, max_queued=limits.max_queued)
     check_questions = QuestionChecker(limits, model.text.tokenizer, model.text.max_length)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
     decode_pool: ThreadPoolExecutor | None = None
@@ -439,7 +469,10 @@ def create_app(
             raise HTTPException(503, "the model is not running (the server is starting or stopping)")
         loop = asyncio.get_running_loop()
         picture = await loop.run_in_executor(decode_pool, read_upload, image.file, image.filename, limits)
-        answers = await batcher.answer(picture, questions)
+        try:
+            answers = await batcher.answer(picture, questions)
+        except Overloaded as error:
+            raise HTTPException(503, str(error), headers={"Retry-After": "1"}) from error
         return AnswerResponse(
             answers=[
                 QuestionAnswer(
@@ -465,6 +498,8 @@ def create_app(
             batch_wait_ms=batcher.wait_s * 1000,
             questions=batcher.questions,
             batches=batcher.batches,
+            queued=batcher.queued,
+            max_queued=limits.max_queued,
         )
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
