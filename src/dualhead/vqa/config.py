@@ -64,6 +64,9 @@ class ExpertsConfig:
             raise ValueError(f"model.experts.hidden ({self.hidden}) and gate_hidden ({self.gate_hidden}) must be >= 1")
 
 
+TOWERS = ("shared", "separate", "cross_stitch")
+
+
 @dataclass
 class ModelConfig:
     """The Dual-Head VQA model: encoders, fusion, heads (defaults are the reference design's)."""
@@ -82,6 +85,21 @@ class ModelConfig:
     single_head: bool = False  # one head over the union of all answers (the 'Single Head' ablation)
     router: bool = True
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    # What the two heads share above the encoders: shared (one fusion both read, the reference's) |
+    # separate (one fusion per head: only the encoders are shared) | cross_stitch (one fusion per head,
+    # their outputs mixed per channel by a learned cross-stitch unit, Misra et al. 2016)
+    towers: str = "shared"
+    stitch_self_weight: float = 0.9  # cross_stitch: what each tower keeps of its own output at start
+
+    def validate_towers(self) -> None:
+        """A clear error for a `towers` value or combination the model cannot build."""
+        if self.towers not in TOWERS:
+            raise ValueError(f"model.towers must be one of {', '.join(TOWERS)}, got {self.towers!r}")
+        if self.towers != "shared" and (self.single_head or self.experts.enabled):
+            raise ValueError(
+                f"model.towers={self.towers} gives each of the two heads its own fusion; it does not combine "
+                "with model.single_head (one head) or model.experts (experts over one shared fusion)"
+            )
 
 
 @dataclass

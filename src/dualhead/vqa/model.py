@@ -4,7 +4,8 @@ Inputs are grouped: each distinct image (and each distinct question) of a batch 
 and `image_index` / `question_index` say which row belongs to which question. Precomputed encoder
 features (frozen-encoder training) can be passed instead of pixels or tokens. With
 ``model.experts`` on, expert MLPs mixed by a question-only gate sit between the fusion and the heads
-(`dualhead.vqa.experts`).
+(`dualhead.vqa.experts`). With ``model.towers`` separate or cross_stitch, each head reads a fusion
+of its own (a task tower over the shared encoders), mixed by a cross-stitch unit in cross_stitch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from dualhead.backbones.text import build_text_encoder, text_encoder_from_files,
 from dualhead.backbones.vision import build_vision_encoder
 from dualhead.core.config import config_from_dict, config_to_dict
 from dualhead.core.model import MultiTaskModel
+from dualhead.mtl.architectures.cross_stitch import CrossStitchUnit
 from dualhead.vqa.config import ModelConfig
 from dualhead.vqa.data.answers import AnswerVocab
 from dualhead.vqa.data.images import ImagePreprocessor, load_rgb
@@ -57,7 +59,9 @@ class DualHeadOutput:
     # attention fusion: [B, 2, 2] weights between the image and question tokens; cross_attention:
     # [B, R] the question's attention over the image regions (`VisionEncoder.region_grid`)
     attention: Tensor | None
-    fused: Tensor  # [B, d] the last shared representation (after the experts, when there are any)
+    # [B, d] the last shared representation (after the experts, when there are any); with task towers
+    # [B, 2d]: the binary and the open tower's outputs side by side (each head reads its half)
+    fused: Tensor
     # [B, K] the experts' gate logits (route question_type: the type classifier's); None without experts
     gate_logits: Tensor | None = None
 
@@ -101,6 +105,7 @@ class DualHeadVQA(MultiTaskModel):
         the training split's question types, one expert each (``model.experts.route=question_type``)."""
         super().__init__()
         config.experts.validate()
+        config.validate_towers()
         self.config = config
         self.vocab = vocab
         self.question_types: list[str] = list(question_types)
@@ -110,13 +115,20 @@ class DualHeadVQA(MultiTaskModel):
             freeze_module(self.vision)
         if config.text.freeze:
             freeze_module(self.text)
-        self.fusion = build_fusion(
-            config.fusion, self.vision.out_dim, self.text.out_dim, config.hidden_dim, config.num_heads, config.fusion_dropout,
-            num_regions=self.vision.region_grid[0] * self.vision.region_grid[1], layers=config.fusion_layers,
-        )
-        # Whether the fusion reads region tokens and word states rather than one vector each.
-        self.reads_tokens: bool = self.fusion.reads_tokens
+        def fusion() -> nn.Module:
+            return build_fusion(
+                config.fusion, self.vision.out_dim, self.text.out_dim, config.hidden_dim, config.num_heads,
+                config.fusion_dropout, num_regions=self.vision.region_grid[0] * self.vision.region_grid[1],
+                layers=config.fusion_layers,
+            )
+
         d = config.hidden_dim
+        # One fusion both heads read, or (task towers) one per head and, for cross_stitch, their mixing.
+        self.fusion = fusion() if config.towers == "shared" else None
+        self.task_fusions = nn.ModuleDict({BINARY: fusion(), OPEN: fusion()}) if self.fusion is None else None
+        self.stitch = CrossStitchUnit(2, d, config.stitch_self_weight) if config.towers == "cross_stitch" else None
+        # Whether the fusion reads region tokens and word states rather than one vector each.
+        self.reads_tokens: bool = (self.fusion or self.task_fusions[BINARY]).reads_tokens
         if config.single_head:
             self.binary_head = None
             self.open_head = open_head(d, len(vocab.single_head_answers), config.dropout, config.deep_heads)
@@ -149,8 +161,11 @@ class DualHeadVQA(MultiTaskModel):
         return len(self.question_types)
 
     def shared_modules(self) -> list[nn.Module]:
-        # the experts and their gate read every question, yes/no or open: both tasks' losses flow through them
-        return [self.vision, self.text, self.fusion] + ([self.experts] if self.experts is not None else [])
+        # the experts and their gate read every question, yes/no or open: both tasks' losses flow through
+        # them; with task towers the cross-stitch unit is what both reach (separate towers: nothing above
+        # the encoders)
+        above = [module for module in (self.fusion, self.experts, self.stitch) if module is not None]
+        return [self.vision, self.text, *above]
 
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.vision, self.text]
@@ -195,19 +210,34 @@ class DualHeadVQA(MultiTaskModel):
             image_features = image_features[image_index]
         if question_index is not None:
             text_features = text_features[question_index]
-        fused, attention = self.fusion(image_features, text_features)
         question = self.pooled_question(text_features) if self.router is not None or self.experts is not None else None
         gate_logits = None
-        if self.experts is not None:
-            fused, gate_logits = self.experts(fused, question)
+        if self.fusion is not None:
+            fused, attention = self.fusion(image_features, text_features)
+            if self.experts is not None:
+                fused, gate_logits = self.experts(fused, question)
+            binary_input = open_input = fused
+        else:
+            binary_input, open_input, attention = self._towers(image_features, text_features)
+            fused = torch.cat([binary_input, open_input], dim=-1)
         return DualHeadOutput(
-            binary_logits=self.binary_head(fused) if self.binary_head is not None else None,
-            open_logits=self.open_head(fused),
+            binary_logits=self.binary_head(binary_input) if self.binary_head is not None else None,
+            open_logits=self.open_head(open_input),
             router_logits=self.router(question) if self.router is not None else None,
             attention=attention,
             fused=fused,
             gate_logits=gate_logits,
         )
+
+    def _towers(self, image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The binary and the open tower's fused vectors (cross-stitched when `stitch` is set) and
+        the towers' attention, averaged (each sums to one over what it attends to, so the mean does)."""
+        outputs = [self.task_fusions[task](image_features, text_features) for task in (BINARY, OPEN)]
+        towers = [fused for fused, _ in outputs]
+        if self.stitch is not None:
+            towers = self.stitch(towers)
+        maps = [attention for _, attention in outputs if attention is not None]
+        return towers[0], towers[1], torch.stack(maps).mean(0) if maps else None
 
     # -- inference --------------------------------------------------------------------------------
 

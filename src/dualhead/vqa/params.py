@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dualhead.vqa.model import DualHeadVQA
 
-SHARED = ("vision", "text", "fusion", "experts")
-TASK_SPECIFIC = ("router", "binary_head", "open_head")
+SHARED = ("vision", "text", "fusion", "experts", "stitch")
+TASK_SPECIFIC = ("task_fusions", "router", "binary_head", "open_head")
 LABELS = {
     "vision": "Vision encoder",
     "text": "Text encoder",
     "fusion": "Fusion",
     "experts": "Experts and their gate",
+    "stitch": "Cross-stitch unit between the towers",
+    "task_fusions": "Fusion per head (task towers)",
     "router": "Question-type router",
     "binary_head": "Binary head",
     "open_head": "Open-ended head",
@@ -40,7 +42,9 @@ def format_parameter_table(model: DualHeadVQA) -> str:
     cfg = model.config
     lines = [
         f"Vision: {cfg.vision.name} ({model.vision.out_dim}-d), text: {cfg.text.name} ({model.text.out_dim}-d), "
-        f"fusion: {cfg.fusion} (d={cfg.hidden_dim}), open answers: {len(model.vocab.open_answers)}",
+        f"fusion: {cfg.fusion} (d={cfg.hidden_dim}"
+        + (f", towers: {cfg.towers}" if cfg.towers != "shared" else "")
+        + f"), open answers: {len(model.vocab.open_answers)}",
         "",
         "| Component | Parameters | Share | Trainable |",
         "| --- | ---: | ---: | --- |",

@@ -80,6 +80,9 @@ COMPARISON = (
     # (VQA-RAD's question_type, SLAKE's content_type, a jsonl question_type field).
     Variant("experts_by_type", "Experts per question type (gate: a type classifier)", ("model.experts.route=question_type",)),
     Variant("experts_learned", "Experts with a learned gate (4 experts)", ("model.experts.route=learned", "model.experts.count=4")),
+    # A fusion per head over the shared encoders; cross-stitched: their outputs mixed per channel.
+    Variant("towers_separate", "Task towers (a fusion per head, shared encoders)", ("model.towers=separate",)),
+    Variant("towers_cross_stitch", "Cross-stitched task towers", ("model.towers=cross_stitch",)),
     Variant("lite2_minilm", "EfficientNet-Lite2 + MiniLM-L6 (pretrained)", (_LITE2,)),
     Variant("lite0_mpnet", "EfficientNet-Lite0 + MPNet-base (pretrained)", (_MPNET,)),
     Variant("lite2_mpnet", "EfficientNet-Lite2 + MPNet-base (pretrained)", (_LITE2, _MPNET)),

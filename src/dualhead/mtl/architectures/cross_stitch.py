@@ -33,15 +33,16 @@ def mixing_init(size: int, self_weight: float) -> Tensor:
 
 
 class CrossStitchUnit(nn.Module):
-    """``[x_1 .. x_T] -> [x~_1 .. x~_T]`` with ``x~_t[:, c] = sum_s alpha[t, s, c] * x_s[:, c]``."""
+    """``[x_1 .. x_T] -> [x~_1 .. x~_T]`` with ``x~_t[:, c] = sum_s alpha[t, s, c] * x_s[:, c]``, for
+    activations ``[B, C, ...]``: feature maps ``[B, C, H, W]`` or vectors ``[B, C]``."""
 
     def __init__(self, num_tasks: int, channels: int, self_weight: float = 0.9):
         super().__init__()
         self.alpha = nn.Parameter(mixing_init(num_tasks, self_weight)[:, :, None].repeat(1, 1, channels))
 
     def forward(self, activations: Sequence[Tensor]) -> list[Tensor]:
-        stacked = torch.stack(list(activations))  # [T, B, C, H, W]
-        return list(torch.einsum("tsc,sbchw->tbchw", self.alpha.to(stacked.dtype), stacked).unbind(0))
+        stacked = torch.stack(list(activations))  # [T, B, C, ...]
+        return list(torch.einsum("tsc,sbc...->tbc...", self.alpha.to(stacked.dtype), stacked).unbind(0))
 
 
 class ColumnNetwork(nn.Module):
