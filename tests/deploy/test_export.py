@@ -19,12 +19,14 @@ from dualhead.vqa.model import DualHeadVQA
 from tests.conftest import tiny_model_config
 
 
-@pytest.fixture(scope="module", params=["attention", "cross_attention", "experts"])
+@pytest.fixture(scope="module", params=["attention", "cross_attention", "experts", "cross_stitch_towers"])
 def exported(tmp_path_factory, request):
     torch.manual_seed(0)
     if request.param == "experts":  # experts per question type: the gate reads the tokens, no type is input
         config = tiny_model_config(experts=ExpertsConfig(route="question_type"))
         model = DualHeadVQA(config, AnswerVocab(["red", "blue", "green"]), question_types=["COLOR", "PRES", "SIZE"])
+    elif request.param == "cross_stitch_towers":  # a fusion per head, mixed by the cross-stitch unit
+        model = DualHeadVQA(tiny_model_config(towers="cross_stitch"), AnswerVocab(["red", "blue", "green"]))
     else:
         model = DualHeadVQA(tiny_model_config(fusion=request.param), AnswerVocab(["red", "blue", "green"]))
     model.eval()
