@@ -156,7 +156,10 @@ def pretrain(args: tuple[str, ...], out: str, epochs: int, batch_size: int, enco
 @click.option("--root", type=click.Path(exists=True, file_okay=False), help="Where the dataset files are.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
-def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str | None, root: str | None, device: str, json_path: str | None) -> None:
+@click.option("--tta", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Test-time augmentation: also average over this many augmented views of each image.")
+def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str | None, root: str | None, device: str,
+             json_path: str | None, tta: int) -> None:
     """Accuracy of a run or checkpoint (or an ensemble) on a split: overall, per head, per answer type, routing."""
     from dualhead.core.io import atomic_write_json
     from dualhead.vqa.config import DataConfig
@@ -164,9 +167,10 @@ def evaluate(run: str, split: str, ensemble: tuple[str, ...], data_format: str |
     from dualhead.vqa.metrics import format_metrics_table
 
     data = DataConfig(format=data_format, root=root) if data_format else None
-    result = evaluate_checkpoints([run, *ensemble], split=split, data=data, device=device)
+    result = evaluate_checkpoints([run, *ensemble], split=split, data=data, device=device, tta=tta)
     metrics = {k: v for k, v in result["metrics"].items() if k != "binary_confusion"}
     title = f"{result['dataset']} {split}" + (f", ensemble of {len(result['checkpoints'])}" if len(result["checkpoints"]) > 1 else "")
+    title += f", {tta} augmented views" if tta else ""
     click.echo(format_metrics_table(metrics, title))
     if json_path:
         atomic_write_json(Path(json_path), result)

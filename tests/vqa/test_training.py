@@ -259,3 +259,31 @@ def test_a_few_hundred_steps_on_easy_vqa_stop_resume_evaluate_predict(tmp_path):
     image = next(r.image for r in trainer.experiment.splits.test)
     output = _cli("predict", str(run), "--image", str(image), "--question", "What shape is in the image?")
     assert "head: open" in output or "head: binary" in output
+
+
+def test_test_time_augmentation_averages_views_drawn_from_their_own_seeds(shapes_root, tmp_path, monkeypatch):
+    from dualhead.vqa.data.images import ImagePreprocessor
+    from dualhead.vqa.evaluate import evaluate_checkpoints
+
+    Trainer(tiny_run_config(shapes_root, tmp_path, epochs=1), tmp_path / "run").fit()
+    augment, augmented = ImagePreprocessor.augment, []
+
+    def recording(self, batch, allow_flip):
+        out = augment(self, batch, allow_flip)
+        augmented.append(not torch.equal(out, batch))
+        return out
+
+    monkeypatch.setattr(ImagePreprocessor, "augment", recording)
+    plain = evaluate_checkpoints([tmp_path / "run"], progress=False)
+    assert plain["tta"] == 0 and not augmented
+    torch.manual_seed(5)
+    first = evaluate_checkpoints([tmp_path / "run"], progress=False, tta=2)
+    assert augmented and any(augmented)
+    torch.manual_seed(7)  # the views are drawn from their own seeds, not from the caller's RNG
+    again = evaluate_checkpoints([tmp_path / "run"], progress=False, tta=2)
+    assert first["tta"] == 2 and first["metrics"] == again["metrics"]
+    assert 0.0 <= first["metrics"]["accuracy"] <= 1.0
+    with pytest.raises(ValueError, match="tta is a number of augmented views"):
+        evaluate_checkpoints([tmp_path / "run"], progress=False, tta=-1)
+    output = _cli("evaluate", str(tmp_path / "run"), "--tta", "1")
+    assert "1 augmented views" in output and "accuracy" in output

@@ -334,6 +334,9 @@ def make_loader(
     )
 
 
-def eval_sampler(records: list[VQARecord], batch_size: int = 128, questions_per_image: int = 16) -> GroupedBatchSampler:
-    """Deterministic grouped batches for evaluation (many questions per image: no gradients to balance)."""
-    return GroupedBatchSampler(records, batch_size, questions_per_image, shuffle=False)
+def eval_sampler(
+    records: list[VQARecord], batch_size: int = 128, questions_per_image: int = 16, seed: int = 0
+) -> GroupedBatchSampler:
+    """Deterministic grouped batches for evaluation (many questions per image: no gradients to balance);
+    `seed` seeds the loader's workers (their augmentation, in test-time augmentation)."""
+    return GroupedBatchSampler(records, batch_size, questions_per_image, shuffle=False, seed=seed)
