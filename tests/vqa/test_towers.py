@@ -106,6 +106,7 @@ def test_bad_tower_settings_are_clear_errors():
 def test_parameter_table_names_the_towers_and_the_stitch():
     table = format_parameter_table(build("cross_stitch"))
     assert "Fusion per head (task towers)" in table and "Cross-stitch unit between the towers" in table
+    assert "Task-specific (towers, heads, router)" in table
 
 
 @pytest.mark.parametrize("balancer", ["pcgrad", "fixed"])

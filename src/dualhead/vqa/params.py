@@ -53,7 +53,8 @@ def format_parameter_table(model: DualHeadVQA) -> str:
         state = "yes" if row["trainable"] else ("frozen" if row["frozen"] else "partly")
         lines.append(f"| {row['label']} | {row['parameters']:,} | {100 * row['share']:.2f}% | {state} |")
     lines.append(f"| **Total** | {total:,} | 100.00% | |")
-    for title, names in (("Shared backbone", SHARED), ("Task-specific (heads + router)", TASK_SPECIFIC)):
+    specific = "Task-specific (towers, heads, router)" if model.task_fusions is not None else "Task-specific (heads + router)"
+    for title, names in (("Shared backbone", SHARED), (specific, TASK_SPECIFIC)):
         n = sum(r["parameters"] for r in rows if r["component"] in names)
         lines.append(f"| {title} | {n:,} | {100 * n / total:.2f}% | |")
     return "\n".join(lines)
