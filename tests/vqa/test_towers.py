@@ -101,6 +101,8 @@ def test_bad_tower_settings_are_clear_errors():
         build("separate", single_head=True)
     with pytest.raises(ValueError, match="model.experts"):
         build("cross_stitch", experts=ExpertsConfig(route="learned", count=2))
+    with pytest.raises(ValueError, match=r"model.stitch_self_weight must be in \[0, 1\], got 1.5"):
+        build("cross_stitch", stitch_self_weight=1.5)
 
 
 def test_parameter_table_names_the_towers_and_the_stitch():

@@ -95,6 +95,8 @@ class ModelConfig:
         """A clear error for a `towers` value or combination the model cannot build."""
         if self.towers not in TOWERS:
             raise ValueError(f"model.towers must be one of {', '.join(TOWERS)}, got {self.towers!r}")
+        if not 0.0 <= self.stitch_self_weight <= 1.0:
+            raise ValueError(f"model.stitch_self_weight must be in [0, 1], got {self.stitch_self_weight}")
         if self.towers != "shared" and (self.single_head or self.experts.enabled):
             raise ValueError(
                 f"model.towers={self.towers} gives each of the two heads its own fusion; it does not combine "
