@@ -353,8 +353,8 @@ compare = _study_command(
     "comparison",
     "The reference comparison and more: default encoders; pretrained larger encoders (EfficientNet-Lite2, MPNet: "
     "the 'large' extra and the MPNet packages); MobileNetV3-Small + DistilBERT, ResNet-50 + BERT-base, ViT + "
-    "BERT-base; experts per question type and learned experts; task towers, separate and cross-stitched; separate "
-    "models; single head. Parameters, accuracy, "
+    "BERT-base; experts per question type and learned experts; task towers, separate and cross-stitched; adapters "
+    "and LoRA per head in the encoders; separate models; single head. Parameters, accuracy, "
     "time per epoch, inference latency.\n\n"
     "Encoders without offline weights here start from random initialisation (the table says which); --only picks rows.",
     default_seeds=1,

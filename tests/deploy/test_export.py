@@ -13,13 +13,13 @@ from transformers import AutoTokenizer
 
 from dualhead.cli import main
 from dualhead.deploy.export import ProbabilityPaths, export_onnx
-from dualhead.vqa.config import ExpertsConfig
+from dualhead.vqa.config import EncoderAdaptersConfig, ExpertsConfig
 from dualhead.vqa.data import AnswerVocab
 from dualhead.vqa.model import DualHeadVQA
 from tests.conftest import tiny_model_config
 
 
-@pytest.fixture(scope="module", params=["attention", "cross_attention", "experts", "cross_stitch_towers"])
+@pytest.fixture(scope="module", params=["attention", "cross_attention", "experts", "cross_stitch_towers", "encoder_lora"])
 def exported(tmp_path_factory, request):
     torch.manual_seed(0)
     if request.param == "experts":  # experts per question type: the gate reads the tokens, no type is input
@@ -27,6 +27,12 @@ def exported(tmp_path_factory, request):
         model = DualHeadVQA(config, AnswerVocab(["red", "blue", "green"]), question_types=["COLOR", "PRES", "SIZE"])
     elif request.param == "cross_stitch_towers":  # a fusion per head, mixed by the cross-stitch unit
         model = DualHeadVQA(tiny_model_config(towers="cross_stitch"), AnswerVocab(["red", "blue", "green"]))
+    elif request.param == "encoder_lora":  # each head runs the encoders with its own LoRA updates (hooks)
+        config = tiny_model_config(encoder_adapters=EncoderAdaptersConfig(kind="lora"))
+        model = DualHeadVQA(config, AnswerVocab(["red", "blue", "green"]))
+        with torch.no_grad():  # off their zero start, so that the exported graph must carry them
+            for param in model.encoder_adapters.parameters():
+                param.add_(0.05 * torch.randn_like(param))
     else:
         model = DualHeadVQA(tiny_model_config(fusion=request.param), AnswerVocab(["red", "blue", "green"]))
     model.eval()

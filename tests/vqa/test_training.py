@@ -208,7 +208,7 @@ def test_frozen_warmup_trains_heads_on_cached_features_then_fine_tunes_everythin
     starts = {}
     for epoch, *entry in seen:  # the first call of each epoch (evaluation calls it again)
         starts.setdefault(epoch, entry)
-    assert starts[0][:2] == [(True, True), True] and starts[1][:2] == [(False, False), False]
+    assert starts[0][:2] == [(True, True, False), True] and starts[1][:2] == [(False, False, False), False]
     for key, value in starts[1][2].items():
         assert torch.equal(value, starts[0][2][key]), f"{key} changed during the frozen warm-up"
     last = _weights(tmp_path / "run" / "last")

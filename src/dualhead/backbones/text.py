@@ -92,6 +92,11 @@ class TextEncoder(nn.Module):
     def frozen(self) -> bool:
         return is_frozen(self)
 
+    def layers(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of each transformer layer (each outputs the word states ``[N, L, out_dim]``)."""
+        layers = transformer_layers(self.model, type(self.model).__name__)
+        return [(f"layer.{index}", layer) for index, layer in enumerate(layers)]
+
     def save_files(self, directory: Path) -> None:
         """The architecture (HF ``config.json``) and the tokenizer, so the encoder can be rebuilt
         anywhere (`text_encoder_from_files`) and take its weights from a saved state dict."""
@@ -108,24 +113,34 @@ def text_encoder_from_files(directory: Path, cfg: TextConfig) -> TextEncoder:
     return freeze_module(encoder) if cfg.freeze else encoder
 
 
+_LAYER_PATHS = ("encoder.layer", "transformer.layer")  # the BERT family (MPNet too), DistilBERT
+
+
+def transformer_layers(model: PreTrainedModel, source: str) -> nn.ModuleList:
+    """The transformer layers of a Hugging Face encoder, in the order they run."""
+    for path in _LAYER_PATHS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise ValueError(
+        f"cannot find the transformer layers of {source} ({type(model).__name__}) at {' or '.join(_LAYER_PATHS)}"
+    )
+
+
 def keep_first_layers(model: PreTrainedModel, num_layers: int, source: str) -> PreTrainedModel:
     """Keep the first `num_layers` transformer layers of a loaded encoder (a shallower student that
     starts from the pretrained lower layers). The config records the new depth, so the architecture
     `TextEncoder.save_files` writes rebuilds the same shape."""
-    for path in ("encoder.layer", "transformer.layer"):  # the BERT family, DistilBERT
-        try:
-            layers = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if not 1 <= num_layers <= len(layers):
-            raise ValueError(f"model.text.num_layers must be between 1 and {len(layers)} for {source}, got {num_layers}")
-        del layers[num_layers:]
-        model.config.num_hidden_layers = num_layers
-        return model
-    raise ValueError(
-        f"model.text.num_layers: cannot find the transformer layers of {source} ({type(model).__name__}) "
-        "at encoder.layer or transformer.layer"
-    )
+    try:
+        layers = transformer_layers(model, source)
+    except ValueError as err:
+        raise ValueError(f"model.text.num_layers: {err}") from None
+    if not 1 <= num_layers <= len(layers):
+        raise ValueError(f"model.text.num_layers must be between 1 and {len(layers)} for {source}, got {num_layers}")
+    del layers[num_layers:]
+    model.config.num_hidden_layers = num_layers
+    return model
 
 
 def _architecture(cfg: TextConfig) -> PreTrainedModel:

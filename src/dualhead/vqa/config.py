@@ -64,6 +64,39 @@ class ExpertsConfig:
             raise ValueError(f"model.experts.hidden ({self.hidden}) and gate_hidden ({self.gate_hidden}) must be >= 1")
 
 
+ENCODER_ADAPTERS = ("none", "adapters", "lora")
+
+
+@dataclass
+class EncoderAdaptersConfig:
+    """Per-task modules inside both encoders (`dualhead.vqa.encoder_adapters`): each head reads the
+    image and the question encoded with its own bottleneck adapters after every block (``adapters``,
+    Houlsby et al. 2019) or its own LoRA updates of every linear map (``lora``, Hu et al. 2022);
+    ``none`` is off. They start as the identity and train once the frozen warm-up ends, beside the
+    encoders' own weights or, with ``vision.freeze`` / ``text.freeze``, alone."""
+
+    kind: str = "none"  # none | adapters | lora
+    reduction: int = 16  # adapters: bottleneck width = channels // reduction
+    rank: int = 8  # lora
+    alpha: float = 16.0  # lora: updates scaled by alpha / rank
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind != "none"
+
+    def validate(self) -> None:
+        """A clear error for a kind or size that cannot work."""
+        if self.kind not in ENCODER_ADAPTERS:
+            raise ValueError(
+                f"unknown model.encoder_adapters.kind {self.kind!r}; choose one of {', '.join(ENCODER_ADAPTERS)}"
+            )
+        if self.reduction < 1 or self.rank < 1 or self.alpha <= 0:
+            raise ValueError(
+                "model.encoder_adapters needs reduction >= 1, rank >= 1 and alpha > 0, got "
+                f"{self.reduction}, {self.rank} and {self.alpha}"
+            )
+
+
 TOWERS = ("shared", "separate", "cross_stitch")
 
 
@@ -90,9 +123,10 @@ class ModelConfig:
     # their outputs mixed per channel by a learned cross-stitch unit, Misra et al. 2016)
     towers: str = "shared"
     stitch_self_weight: float = 0.9  # cross_stitch: what each tower keeps of its own output at start
+    encoder_adapters: EncoderAdaptersConfig = field(default_factory=EncoderAdaptersConfig)
 
-    def validate_towers(self) -> None:
-        """A clear error for a `towers` value or combination the model cannot build."""
+    def validate_per_head_parts(self) -> None:
+        """A clear error for a `towers` or `encoder_adapters` value or combination the model cannot build."""
         if self.towers not in TOWERS:
             raise ValueError(f"model.towers must be one of {', '.join(TOWERS)}, got {self.towers!r}")
         if not 0.0 <= self.stitch_self_weight <= 1.0:
@@ -101,6 +135,13 @@ class ModelConfig:
             raise ValueError(
                 f"model.towers={self.towers} gives each of the two heads its own fusion; it does not combine "
                 "with model.single_head (one head) or model.experts (experts over one shared fusion)"
+            )
+        self.encoder_adapters.validate()
+        if self.encoder_adapters.enabled and (self.single_head or self.experts.enabled):
+            raise ValueError(
+                f"model.encoder_adapters.kind={self.encoder_adapters.kind} gives each of the two heads its own "
+                "encoder passes; it does not combine with model.single_head (one head) or model.experts "
+                "(experts over one shared fusion)"
             )
 
 

@@ -67,8 +67,9 @@ class VQAExperiment(Experiment):
         self._sampler = GroupedBatchSampler(
             self.splits.train, config.data.batch_size, config.data.questions_per_image, shuffle=True, seed=train_cfg.seed
         )
-        # Which encoders are frozen now; the feature cache and the loader follow (see `on_epoch_start`).
-        self.stage: tuple[bool, bool] | None = None
+        # Which encoders are frozen now and whether encoder adapters train; the feature cache and the
+        # loader follow (see `on_epoch_start`).
+        self.stage: tuple[bool, bool, bool] | None = None
         self.cache: EncoderFeatureCache | None = None
         self._train_loader: DataLoader | None = None
 
@@ -145,17 +146,20 @@ class VQAExperiment(Experiment):
         features and rebuild the training loader when that changes."""
         cfg = self.config
         warm_up = epoch < cfg.train.frozen_warmup_epochs
-        stage = (cfg.model.vision.freeze or warm_up, cfg.model.text.freeze or warm_up)
+        # Encoder adapters train from the end of the warm-up on: from then the encoders run live
+        # (once per head), frozen weights or not, and nothing is cached.
+        adapters_train = cfg.model.encoder_adapters.enabled and not warm_up
+        stage = (cfg.model.vision.freeze or warm_up, cfg.model.text.freeze or warm_up, adapters_train)
         if stage == self.stage:
             return
-        for module, frozen in zip((self.model.vision, self.model.text), stage, strict=True):
+        for module, frozen in zip((self.model.vision, self.model.text), stage, strict=False):
             if frozen and not is_frozen(module):
                 freeze_module(module)
             elif not frozen and is_frozen(module):
                 unfreeze_module(module)
         self.stage = stage
         self.cache = None
-        if cfg.train.cache_frozen_features and any(stage):
+        if cfg.train.cache_frozen_features and any(stage[:2]) and not adapters_train:
             self.cache = self.build_cache(images=stage[0], texts=stage[1])
         self._train_loader = self.loader(self.splits.train, self._sampler, augment=cfg.data.augment)
 

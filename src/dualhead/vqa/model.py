@@ -5,7 +5,8 @@ and `image_index` / `question_index` say which row belongs to which question. Pr
 features (frozen-encoder training) can be passed instead of pixels or tokens. With
 ``model.experts`` on, expert MLPs mixed by a question-only gate sit between the fusion and the heads
 (`dualhead.vqa.experts`). With ``model.towers`` separate or cross_stitch, each head reads a fusion
-of its own (a task tower over the shared encoders), mixed by a cross-stitch unit in cross_stitch.
+of its own (a task tower over the shared encoders), mixed by a cross-stitch unit in cross_stitch. With
+``model.encoder_adapters`` each head reads the encoders run with its own adapters or LoRA updates.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from dualhead.vqa.config import ModelConfig
 from dualhead.vqa.data.answers import AnswerVocab
 from dualhead.vqa.data.images import ImagePreprocessor, load_rgb
 from dualhead.vqa.data.records import BINARY, OPEN, YES_NO
+from dualhead.vqa.encoder_adapters import EncoderAdapters
 from dualhead.vqa.experts import QuestionExperts
 from dualhead.vqa.fusion import build_fusion
 from dualhead.vqa.heads import binary_head, open_head, router_head
@@ -60,7 +63,8 @@ class DualHeadOutput:
     # [B, R] the question's attention over the image regions (`VisionEncoder.region_grid`)
     attention: Tensor | None
     # [B, d] the last shared representation (after the experts, when there are any); with task towers
-    # [B, 2d]: the binary and the open tower's outputs side by side (each head reads its half)
+    # or encoder adapters [B, 2d]: the binary and the open path's fused vectors side by side (each
+    # head reads its half)
     fused: Tensor
     # [B, K] the experts' gate logits (route question_type: the type classifier's); None without experts
     gate_logits: Tensor | None = None
@@ -105,7 +109,7 @@ class DualHeadVQA(MultiTaskModel):
         the training split's question types, one expert each (``model.experts.route=question_type``)."""
         super().__init__()
         config.experts.validate()
-        config.validate_towers()
+        config.validate_per_head_parts()
         self.config = config
         self.vocab = vocab
         self.question_types: list[str] = list(question_types)
@@ -127,6 +131,10 @@ class DualHeadVQA(MultiTaskModel):
         self.fusion = fusion() if config.towers == "shared" else None
         self.task_fusions = nn.ModuleDict({BINARY: fusion(), OPEN: fusion()}) if self.fusion is None else None
         self.stitch = CrossStitchUnit(2, d, config.stitch_self_weight) if config.towers == "cross_stitch" else None
+        self.encoder_adapters = (
+            EncoderAdapters(config.encoder_adapters, self.vision, self.text, (BINARY, OPEN))
+            if config.encoder_adapters.enabled else None
+        )
         # Whether the fusion reads region tokens and word states rather than one vector each.
         self.reads_tokens: bool = (self.fusion or self.task_fusions[BINARY]).reads_tokens
         if config.single_head:
@@ -167,6 +175,15 @@ class DualHeadVQA(MultiTaskModel):
         above = [module for module in (self.fusion, self.experts, self.stitch) if module is not None]
         return [self.vision, self.text, *above]
 
+    def task_modules(self, task: str) -> list[nn.Module]:
+        """`task`'s own modules: its head, its fusion tower and its encoder adapters, where they exist."""
+        own = [self.binary_head if task == BINARY else self.open_head]
+        if self.task_fusions is not None:
+            own.append(self.task_fusions[task])
+        if self.encoder_adapters is not None:
+            own.extend(self.encoder_adapters.task_modules(task))
+        return own
+
     def pretrained_modules(self) -> list[nn.Module]:
         return [self.vision, self.text]
 
@@ -198,28 +215,49 @@ class DualHeadVQA(MultiTaskModel):
         image_features: Tensor | None = None,
         text_features: Tensor | None = None,
     ) -> DualHeadOutput:
-        if image_features is None:
-            if pixel_values is None:
-                raise ValueError("forward needs pixel_values or image_features")
-            image_features = self.encode_images(pixel_values)
-        if text_features is None:
-            if input_ids is None or attention_mask is None:
-                raise ValueError("forward needs input_ids and attention_mask, or text_features")
-            text_features = self.encode_questions(input_ids, attention_mask)
-        if image_index is not None:
-            image_features = image_features[image_index]
-        if question_index is not None:
-            text_features = text_features[question_index]
-        question = self.pooled_question(text_features) if self.router is not None or self.experts is not None else None
+        if image_features is None and pixel_values is None:
+            raise ValueError("forward needs pixel_values or image_features")
+        if text_features is None and (input_ids is None or attention_mask is None):
+            raise ValueError("forward needs input_ids and attention_mask, or text_features")
+
+        def adapted(task: str | None):  # the encoders with `task`'s adapters switched in (None: plain)
+            return self.encoder_adapters.use(task) if task is not None else nullcontext()
+
+        def images(task: str | None) -> Tensor:
+            """Each row's image features, encoded with `task`'s adapters."""
+            with adapted(task):
+                features = self.encode_images(pixel_values) if image_features is None else image_features
+            return features[image_index] if image_index is not None else features
+
+        def questions(task: str | None) -> Tensor:
+            """Each row's question features, encoded with `task`'s adapters."""
+            with adapted(task):
+                features = self.encode_questions(input_ids, attention_mask) if text_features is None else text_features
+            return features[question_index] if question_index is not None else features
+
+        # Per-head encoder passes where adapters act on what is encoded now (cached features are the
+        # plain encoders', exact while the adapters are still the identity). The router and the
+        # experts' gate read the plain question.
+        per_head = self.encoder_adapters is not None and (image_features is None or text_features is None)
+        inputs = {task: (images(task), questions(task)) for task in (BINARY, OPEN)} if per_head else None
+        plain = None if per_head else (images(None), questions(None))
+        needs_question = self.router is not None or self.experts is not None
+        question = self.pooled_question(plain[1] if plain else questions(None)) if needs_question else None
         gate_logits = None
-        if self.fusion is not None:
-            fused, attention = self.fusion(image_features, text_features)
+        if self.fusion is None:
+            binary_input, open_input, attention = self._towers(inputs or {BINARY: plain, OPEN: plain})
+            fused = torch.cat([binary_input, open_input], dim=-1)
+        elif per_head:
+            (binary_input, binary_attention), (open_input, open_attention) = (
+                self.fusion(*inputs[task]) for task in (BINARY, OPEN)
+            )
+            fused = torch.cat([binary_input, open_input], dim=-1)
+            attention = mean_attention([binary_attention, open_attention])
+        else:
+            fused, attention = self.fusion(*plain)
             if self.experts is not None:
                 fused, gate_logits = self.experts(fused, question)
             binary_input = open_input = fused
-        else:
-            binary_input, open_input, attention = self._towers(image_features, text_features)
-            fused = torch.cat([binary_input, open_input], dim=-1)
         return DualHeadOutput(
             binary_logits=self.binary_head(binary_input) if self.binary_head is not None else None,
             open_logits=self.open_head(open_input),
@@ -229,15 +267,14 @@ class DualHeadVQA(MultiTaskModel):
             gate_logits=gate_logits,
         )
 
-    def _towers(self, image_features: Tensor, text_features: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """The binary and the open tower's fused vectors (cross-stitched when `stitch` is set) and
-        the towers' attention, averaged (each sums to one over what it attends to, so the mean does)."""
-        outputs = [self.task_fusions[task](image_features, text_features) for task in (BINARY, OPEN)]
+    def _towers(self, inputs: dict[str, tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The binary and the open tower's fused vectors of their (image, question) `inputs`
+        (cross-stitched when `stitch` is set) and the towers' attention, averaged."""
+        outputs = [self.task_fusions[task](*inputs[task]) for task in (BINARY, OPEN)]
         towers = [fused for fused, _ in outputs]
         if self.stitch is not None:
             towers = self.stitch(towers)
-        maps = [attention for _, attention in outputs if attention is not None]
-        return towers[0], towers[1], torch.stack(maps).mean(0) if maps else None
+        return towers[0], towers[1], mean_attention([attention for _, attention in outputs])
 
     # -- inference --------------------------------------------------------------------------------
 
@@ -306,6 +343,13 @@ class DualHeadVQA(MultiTaskModel):
     def load_weights(self, directory: str | Path, map_location: str | torch.device = "cpu") -> None:
         """Load the weights of a saved model of the same configuration into this one."""
         self.load_state_dict(load_file(str(Path(directory) / WEIGHTS_FILE), device=str(map_location)))
+
+
+def mean_attention(maps: list[Tensor | None]) -> Tensor | None:
+    """The mean of per-head attention maps (each sums to one over what it attends to, so the mean
+    does); None for fusions without attention."""
+    present = [attention for attention in maps if attention is not None]
+    return torch.stack(present).mean(0) if present else None
 
 
 def read_question_types(directory: Path) -> list[str]:

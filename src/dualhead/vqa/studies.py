@@ -83,6 +83,9 @@ COMPARISON = (
     # A fusion per head over the shared encoders; cross-stitched: their outputs mixed per channel.
     Variant("towers_separate", "Task towers (a fusion per head, shared encoders)", ("model.towers=separate",)),
     Variant("towers_cross_stitch", "Cross-stitched task towers", ("model.towers=cross_stitch",)),
+    # Each head runs the encoders with its own adapters / LoRA updates (dualhead.vqa.encoder_adapters).
+    Variant("encoder_adapters", "Adapters per head in both encoders", ("model.encoder_adapters.kind=adapters",)),
+    Variant("encoder_lora", "LoRA per head in both encoders", ("model.encoder_adapters.kind=lora",)),
     Variant("lite2_minilm", "EfficientNet-Lite2 + MiniLM-L6 (pretrained)", (_LITE2,)),
     Variant("lite0_mpnet", "EfficientNet-Lite0 + MPNet-base (pretrained)", (_MPNET,)),
     Variant("lite2_mpnet", "EfficientNet-Lite2 + MPNet-base (pretrained)", (_LITE2, _MPNET)),

@@ -12,7 +12,7 @@ backbone pass. `TaskHooks` is the switching mechanism, shared with LoRA (`dualhe
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 
@@ -108,20 +108,28 @@ class BottleneckAdapter(nn.Module):
 
 
 class TaskAdapters(TaskHooks):
-    """A bottleneck adapter per task after every block of `model` (`backbone_blocks`).
+    """A bottleneck adapter per task after every block of `model`: `blocks` (name, module), by
+    default timm's (`backbone_blocks`); a transformer's layers for a text encoder.
 
-    `example` (an input `model` accepts) is run once to size the adapters: channels are dim 1 of a
-    block's 4-d output, or its last dim when `channels_last` (Swin's NHWC stages) or the output is a
-    token sequence ``[B, N, C]``. Each adapter's bottleneck is ``channels // reduction`` (at least 1).
+    `example` (an input `model` accepts, or its keyword arguments) is run once to size the adapters:
+    channels are dim 1 of a block's 4-d output, or its last dim when `channels_last` (Swin's NHWC
+    stages) or the output is a token sequence ``[B, N, C]``. Each adapter's bottleneck is
+    ``channels // reduction`` (at least 1).
     """
 
     def __init__(
-        self, model: nn.Module, tasks: Sequence[str], example: Tensor, reduction: int = 4, channels_last: bool = False
+        self,
+        model: nn.Module,
+        tasks: Sequence[str],
+        example: Tensor | Mapping[str, Tensor],
+        reduction: int = 4,
+        channels_last: bool = False,
+        blocks: Sequence[tuple[str, nn.Module]] | None = None,
     ):
         super().__init__(tasks)
         if reduction < 1:
             raise ValueError(f"the adapters' reduction must be >= 1, got {reduction}")
-        blocks = backbone_blocks(model)
+        blocks = backbone_blocks(model) if blocks is None else list(blocks)
         shapes = output_shapes(model, [block for _, block in blocks], example)
         sizes = []  # (channels, channel dim) of each block's output
         for (name, _), shape in zip(blocks, shapes, strict=True):
@@ -146,9 +154,11 @@ def _channel_dim(shape: torch.Size, channels_last: bool, name: str) -> int:
 
 
 @torch.no_grad()
-def output_shapes(model: nn.Module, layers: Sequence[nn.Module], example: Tensor) -> list[torch.Size]:
-    """The output shape of each of `layers` when `model` runs on `example` (in eval mode, so that
-    batch-norm statistics stay as they are)."""
+def output_shapes(
+    model: nn.Module, layers: Sequence[nn.Module], example: Tensor | Mapping[str, Tensor]
+) -> list[torch.Size]:
+    """The output shape of each of `layers` when `model` runs on `example` (keyword arguments when a
+    mapping), in eval mode, so that batch-norm statistics stay as they are."""
     shapes: dict[int, torch.Size] = {}
 
     def record(index: int, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -160,7 +170,7 @@ def output_shapes(model: nn.Module, layers: Sequence[nn.Module], example: Tensor
     was_training = model.training
     try:
         model.eval()
-        model(example)
+        model(**example) if isinstance(example, Mapping) else model(example)
     finally:
         model.train(was_training)
         for handle in handles:
