@@ -1,6 +1,7 @@
 """Dense multi-task architectures side by side on the procedural scenes: each registered architecture
 (``model.architecture``) with the same backbone and budget, against single-task baselines; each task's
-test metrics, Δm, parameters, training images/s and inference ms/image, mean ± std over seeds.
+test metrics, Δm, Δm minus hard sharing's (paired per seed), parameters, training images/s and inference
+ms/image, mean ± std over seeds.
 
     python -m benchmarks.architectures [--seeds 0 1 2] [--architectures mtan cross_stitch ...]
                                        [--out runs/bench/scenes] [--quick] [key=value ...]
@@ -39,7 +40,7 @@ def main() -> None:
     variants = {MULTI if name == HARD_SHARING else name: name for name in args.architectures}
     results = train_all([*TASKS, *variants], args)
     print("\n" + header(f"python -m benchmarks.architectures {' '.join(sys.argv[1:])}".strip()))
-    print(table(results, variants))
+    print(table(results, variants, reference=MULTI if HARD_SHARING in args.architectures else None))
 
 
 if __name__ == "__main__":

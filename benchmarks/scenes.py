@@ -112,19 +112,33 @@ def mean_std(values: list[float], scale: float = 1.0) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
-def table(results: dict[str, list[dict]], multi: dict[str, str]) -> str:
+def table(results: dict[str, list[dict]], multi: dict[str, str], reference: str | None = None) -> str:
     """Markdown: the single-task baselines, then each multi-task variant of `multi` (variant -> row
     label); a column per test metric (percentages for fractions), Δm against the single-task models
-    of the same seed, parameters, training images/s, inference ms/image."""
+    of the same seed, parameters, training images/s, inference ms/image. With `reference` (a variant),
+    also each variant's Δm minus the reference's, paired per seed: the single-task baselines' own
+    seed-to-seed noise, which moves every Δm of a seed alike, cancels there."""
     directions = {
         f"{task}/{metric}": higher for task in TASKS for metric, higher in DENSE_TASKS[task].metrics.items()
     }
     percent = {"seg/miou", "seg/pixel_acc", "depth/rel_err"} | {m for m in directions if "within" in m}
     columns = [f"{m}{' %' if m in percent else ''} {'↑' if up else '↓'}" for m, up in directions.items()]
+    paired = [f"Δm − {multi[reference]} %"] if reference else []
     lines = [
-        "| model | " + " | ".join(columns) + " | Δm % | parameters | train images/s | inference ms/image |",
-        "| --- |" + " ---: |" * (len(columns) + 4),
+        "| model | " + " | ".join(columns + ["Δm %", *paired]) + " | parameters | train images/s | inference ms/image |",
+        "| --- |" + " ---: |" * (len(columns) + 4 + len(paired)),
     ]
+
+    def deltas(variant: str) -> list[float]:
+        values = []
+        for index, r in enumerate(results[variant]):
+            single = {m: results[m.split("/")[0]][index]["test"][m] for m in directions}
+            try:
+                values.append(delta_m(r["test"], single, directions))
+            except ValueError:  # a baseline scored 0 on some metric (tiny --quick runs)
+                values.append(float("nan"))
+        return values
+
     rows = [(task, f"single-task {task}") for task in TASKS] + list(multi.items())
     for variant, label in rows:
         runs = results[variant]
@@ -133,23 +147,17 @@ def table(results: dict[str, list[dict]], multi: dict[str, str]) -> str:
             values = [r["test"][metric] for r in runs if metric in r["test"]]
             cells.append(mean_std(values, 100 if metric in percent else 1) if values else "")
         if variant in TASKS:
-            delta = "0 (baseline)"
+            cells += ["0 (baseline)"] + [""] * len(paired)
         else:
-            deltas = []
-            for index, r in enumerate(runs):
-                single = {m: results[m.split("/")[0]][index]["test"][m] for m in directions}
-                try:
-                    deltas.append(delta_m(r["test"], single, directions))
-                except ValueError:  # a baseline scored 0 on some metric (tiny --quick runs)
-                    deltas.append(float("nan"))
-            delta = mean_std(deltas)
+            cells.append(mean_std(deltas(variant)))
+            if reference:
+                differences = [a - b for a, b in zip(deltas(variant), deltas(reference), strict=True)]
+                cells.append("0 (reference)" if variant == reference else mean_std(differences))
         speed = statistics.mean(r["images_per_second"] for r in runs)
         latencies = [r["inference_ms_per_image"] for r in runs if "inference_ms_per_image" in r]
         latency = f"{statistics.mean(latencies):.2f}" if latencies else ""
         lines.append(
-            f"| {label} | "
-            + " | ".join(cells)
-            + f" | {delta} | {runs[0]['parameters'] / 1e6:.2f} M | {speed:.0f} | {latency} |"
+            f"| {label} | " + " | ".join(cells) + f" | {runs[0]['parameters'] / 1e6:.2f} M | {speed:.0f} | {latency} |"
         )
     singles = sum(results[task][0]["parameters"] for task in TASKS)
     lines.append(f"\nThe three single-task models hold {singles / 1e6:.2f} M parameters in all.")
