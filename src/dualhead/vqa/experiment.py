@@ -152,7 +152,7 @@ class VQAExperiment(Experiment):
         stage = (cfg.model.vision.freeze or warm_up, cfg.model.text.freeze or warm_up, adapters_train)
         if stage == self.stage:
             return
-        for module, frozen in zip((self.model.vision, self.model.text), stage, strict=False):
+        for module, frozen in zip((self.model.vision, self.model.text), stage[:2], strict=True):
             if frozen and not is_frozen(module):
                 freeze_module(module)
             elif not frozen and is_frozen(module):
